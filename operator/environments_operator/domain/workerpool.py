@@ -1,0 +1,130 @@
+"""Spec and status models of the ``WorkerPool`` custom resource. Pure: no I/O."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from environments_operator.domain.common import (
+    Condition,
+    LocalObjectReference,
+    SecretKeyReference,
+    SpecModel,
+    StatusModel,
+    cel,
+)
+
+KIND = "WorkerPool"
+PLURAL = "workerpools"
+
+PoolMode = Literal["PerWorkItem", "Pool"]
+
+# The API refuses block_ms outside 1..999 (0 is not "non-blocking"; omit the parameter for that).
+BLOCK_MS_MIN, BLOCK_MS_MAX = 1, 999
+
+
+class PollSettings(SpecModel):
+    model_config = SpecModel.model_config | {
+        "json_schema_extra": cel({
+            "rule": f"!has(self.blockMs) || (self.blockMs >= {BLOCK_MS_MIN} && self.blockMs <= {BLOCK_MS_MAX})",
+            "message": f"blockMs must be between {BLOCK_MS_MIN} and {BLOCK_MS_MAX}",
+        })
+    }
+
+    blockMs: int = Field(
+        default=900, ge=BLOCK_MS_MIN, le=BLOCK_MS_MAX,
+        description="Long-poll duration of each work poll, in milliseconds (1..999).",
+    )
+    reclaimOlderThanMs: int = Field(
+        default=5000, ge=1, le=3_600_000,
+        description="An item claimed but not acknowledged for this long is offered again (milliseconds).",
+    )
+
+
+class WorkerPoolSpec(SpecModel):
+    model_config = SpecModel.model_config | {
+        "json_schema_extra": cel(
+            {
+                "rule": "has(self.environmentRef) != has(self.environmentId)",
+                "message": "exactly one of environmentRef and environmentId must be set",
+            },
+            {
+                "rule": "!has(self.minWorkers) || !has(self.maxWorkers) || self.minWorkers <= self.maxWorkers",
+                "message": "minWorkers must be less than or equal to maxWorkers",
+            },
+        )
+    }
+
+    environmentRef: LocalObjectReference | None = Field(
+        default=None, description="A self_hosted Environment in the same namespace whose queue this pool serves."
+    )
+    environmentId: str | None = Field(
+        default=None, pattern=r"^env_[A-Za-z0-9]+$",
+        description="ID of a self_hosted environment (env_...), instead of environmentRef.",
+    )
+    environmentKeySecretRef: SecretKeyReference = Field(
+        description="Secret key holding the environment key used to poll and acknowledge work. "
+        "It never reaches worker pods."
+    )
+    mode: PoolMode = Field(
+        default="PerWorkItem",
+        description="PerWorkItem: one fresh pod per work item. Pool: long-lived workers (not yet supported).",
+    )
+    minWorkers: int = Field(default=0, ge=0, le=10_000, description="Workers kept even with an empty queue.")
+    maxWorkers: int = Field(default=10, ge=1, le=10_000, description="Upper bound on unfinished worker pods.")
+    template: dict[str, Any] = Field(
+        default_factory=dict,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="PodTemplateSpec for worker pods; the operator adds the contract env vars, labels and a "
+        "restricted security context.",
+    )
+    startupTimeoutSeconds: int = Field(
+        default=300, ge=1, le=86_400,
+        description="A worker pod still Pending after this long is deleted and its item force-stopped.",
+    )
+    ttlSecondsAfterFinished: int = Field(
+        default=300, ge=0, le=604_800,
+        description="Finished worker pods and their Secrets are deleted this long after they finish.",
+    )
+    poll: PollSettings = Field(
+        default_factory=PollSettings,
+        # An object default lets the apiserver fill in blockMs and reclaimOlderThanMs when poll is omitted.
+        json_schema_extra={"default": {}},
+        description="Work queue polling settings.",
+    )
+
+    @model_validator(mode="after")
+    def _invariants(self) -> WorkerPoolSpec:
+        if (self.environmentRef is None) == (self.environmentId is None):
+            raise ValueError("exactly one of environmentRef and environmentId must be set")
+        if self.minWorkers > self.maxWorkers:
+            raise ValueError("minWorkers must be less than or equal to maxWorkers")
+        return self
+
+
+class QueueStatus(StatusModel):
+    depth: int | None = Field(default=None, description="Items waiting in the queue.")
+    pending: int | None = Field(default=None, description="Items claimed but not yet acknowledged.")
+    oldestQueuedAt: datetime | None = Field(default=None, description="Enqueue time of the oldest waiting item.")
+    workersPolling: int | None = Field(default=None, description="Distinct workers seen polling in the last 30s.")
+
+
+class WorkerCounts(StatusModel):
+    starting: int = Field(default=0, description="Worker pods not yet running.")
+    running: int = Field(default=0, description="Worker pods running.")
+    succeeded: int = Field(default=0, description="Worker pods that finished successfully (until cleaned up).")
+    failed: int = Field(default=0, description="Worker pods that failed (until cleaned up).")
+
+
+class WorkerPoolStatus(StatusModel):
+    environmentId: str | None = Field(default=None, description="Resolved environment ID.")
+    observedGeneration: int | None = Field(default=None, description="The .metadata.generation last acted on.")
+    queue: QueueStatus | None = Field(default=None, description="Queue statistics from the API.")
+    workers: WorkerCounts | None = Field(default=None, description="Worker pods by phase.")
+    desiredWorkers: int | None = Field(default=None, description="min(maxWorkers, active + depth).")
+    lastDispatchTime: datetime | None = Field(default=None, description="When an item was last dispatched.")
+    conditions: list[Condition] | None = Field(
+        default=None, description="Ready, AtCapacity and DispatchFailing conditions."
+    )

@@ -1,0 +1,1 @@
+"""The Environments API emulator: the embedded default backend (see ``server``)."""
