@@ -1,0 +1,148 @@
+"""The Kubernetes API, as used by the controllers: Secrets and Pods, in plain dicts.
+
+Built on the synchronous ``kubernetes`` client, called through a bounded thread pool so that no call
+ever blocks kopf's event loop (every pool's dispatch shares it). Responses are read raw
+(``_preload_content=False``) and returned as dicts: the controllers work on manifests, not on the
+client's model classes, and skipping the model round trip keeps dispatch fast.
+
+The configuration is loaded the way kopf's default login loads it (in-cluster, else the current
+kubeconfig), so the operator and its own calls always talk to the same apiserver.
+
+This module does no decision making: it creates, reads, lists and deletes what it is told to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+JSON = dict[str, Any]
+T = TypeVar("T")
+
+# Enough threads to keep pipelined dispatch busy without letting one burst open hundreds of sockets.
+DEFAULT_MAX_THREADS = 16
+
+
+class KubeApiError(Exception):
+    """A refused Kubernetes API call; ``status`` and ``reason`` are the apiserver's."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class SecretKeyError(Exception):
+    """A referenced Secret or key is missing or unusable; the message names it (never its value)."""
+
+
+def load_configuration() -> kubernetes.client.Configuration:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return configuration
+
+
+def _error(exc: ApiException) -> KubeApiError:
+    reason, message = str(exc.reason or ""), ""
+    try:
+        body = json.loads(exc.body or "{}")
+        reason = body.get("reason") or reason
+        message = body.get("message") or ""
+    except (TypeError, ValueError):
+        message = str(exc.body or "")[:200]
+    return KubeApiError(int(exc.status or 0), reason, message)
+
+
+class KubeClient:
+    def __init__(self, configuration: kubernetes.client.Configuration | None = None,
+                 max_threads: int = DEFAULT_MAX_THREADS) -> None:
+        configuration = configuration or load_configuration()
+        configuration.connection_pool_maxsize = max_threads
+        self._api = kubernetes.client.ApiClient(configuration)
+        self._core = kubernetes.client.CoreV1Api(self._api)
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kube")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._api.close()
+
+    def _method(self, verb: str, kind: str) -> Callable[..., Any]:
+        if kind not in ("Pod", "Secret"):
+            raise ValueError(f"unsupported kind {kind!r}")
+        method: Callable[..., Any] = getattr(self._core, f"{verb}_namespaced_{kind.lower()}")
+        return method
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def raw() -> Any:
+            try:
+                response = fn(*args, _preload_content=False, **kwargs)
+            except ApiException as exc:
+                raise _error(exc) from None
+            data = response.data
+            return json.loads(data) if data else None
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, raw)
+
+    async def create_if_absent(self, kind: str, namespace: str, body: JSON) -> bool:
+        """Create a Pod or Secret; False if one of that name already exists (a 409 is not an error here)."""
+        create = self._method("create", kind)
+        try:
+            await self._call(create, namespace, body)
+        except KubeApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def delete_if_present(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a Pod or Secret; False if it was already gone."""
+        delete = self._method("delete", kind)
+        try:
+            await self._call(delete, name, namespace)
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def list(self, kind: str, namespace: str, label_selector: str) -> list[JSON]:
+        list_ = self._method("list", kind)
+        result = await self._call(list_, namespace, label_selector=label_selector)
+        return list(result.get("items") or [])
+
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
+        """The decoded value of one key of a Secret. Raises ``SecretKeyError`` naming what is missing."""
+        try:
+            secret = await self._call(self._core.read_namespaced_secret, name, namespace)
+        except KubeApiError as exc:
+            if exc.status == 404:
+                raise SecretKeyError(f"Secret {namespace}/{name} not found") from None
+            if exc.status == 403:
+                raise SecretKeyError(f"Secret {namespace}/{name} is not readable by the operator (403)") from None
+            raise
+        data = secret.get("data") or {}
+        string_data = secret.get("stringData") or {}
+        if key in data:
+            try:
+                value = base64.b64decode(data[key], validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                raise SecretKeyError(f"Secret {namespace}/{name} key {key!r} is not valid base64 UTF-8") from None
+        elif key in string_data:  # only seen on servers that do not fold stringData into data
+            value = str(string_data[key])
+        else:
+            raise SecretKeyError(f"Secret {namespace}/{name} has no key {key!r}")
+        value = value.strip()
+        if not value:
+            raise SecretKeyError(f"Secret {namespace}/{name} key {key!r} is empty")
+        return value
