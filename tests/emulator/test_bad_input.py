@@ -1,0 +1,422 @@
+"""Malformed and invalid requests across the routes: a clear 4xx naming the problem, and no state change.
+
+Raw HTTP on purpose: the SDK would refuse to send most of these.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from environments_operator.emulator.server import EmulatorServer
+from tests.harness.emulator import API_KEY, enqueue_sessions, running_emulator, self_hosted_environment, snapshot
+
+API = "api"  # send the API key
+ENV = "env"  # send the pool's environment key
+NONE = "none"  # send no credential
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    method: str
+    path: str
+    body: object = None  # bytes are sent as-is; anything else but None as JSON
+    credential: str = API
+    status: int = 400
+    message: str = ""
+
+
+def limited(**networking: object) -> dict[str, object]:
+    return {"name": "x", "config": {"type": "cloud", "networking": {"type": "limited", **networking}}}
+
+
+CASES = [
+    # environments: body syntax
+    Case("truncated json", "POST", "/v1/environments", b'{"name": ', message="not valid JSON"),
+    Case("array body", "POST", "/v1/environments", b"[]", message="expected a JSON object, got array"),
+    Case("empty body", "POST", "/v1/environments", b"", message="empty body"),
+    Case("NaN literal", "POST", "/v1/environments", b'{"name": NaN}', message="not valid JSON"),
+    Case("invalid utf-8", "POST", "/v1/environments", b'{"name": "\xff\xfe"}', message="not UTF-8"),
+    Case("oversized body", "POST", "/v1/environments", b'{"name": "' + b"x" * (1024 * 1024) + b'"}', message="limit"),
+    # environments: fields
+    Case("missing name", "POST", "/v1/environments", {}, message="name: required"),
+    Case("name wrong type", "POST", "/v1/environments", {"name": 5}, message="name: expected a string, got integer"),
+    Case("empty name", "POST", "/v1/environments", {"name": ""}, message="name: must not be empty"),
+    Case("long name", "POST", "/v1/environments", {"name": "x" * 300}, message="the limit is 256"),
+    Case(
+        "unknown config type",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "config": {"type": "kubernetes"}},
+        message="config.type: unknown environment type 'kubernetes'",
+    ),
+    Case(
+        "config not object",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "config": "cloud"},
+        message="config: expected an object, got string",
+    ),
+    Case(
+        "unknown network type",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "config": {"type": "cloud", "networking": {"type": "open"}}},
+        message="config.networking.type: unknown network policy type 'open'",
+    ),
+    Case(
+        "hosts not array",
+        "POST",
+        "/v1/environments",
+        limited(allowed_hosts="a.example.com"),
+        message="config.networking.allowed_hosts: expected an array of strings, got string",
+    ),
+    Case(
+        "host not string",
+        "POST",
+        "/v1/environments",
+        limited(allowed_hosts=[1]),
+        message="config.networking.allowed_hosts[0]: expected a string, got integer",
+    ),
+    Case(
+        "flag not bool",
+        "POST",
+        "/v1/environments",
+        limited(allow_mcp_servers="yes"),
+        message="config.networking.allow_mcp_servers: expected a boolean, got string",
+    ),
+    Case(
+        "packages not array",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "config": {"type": "cloud", "packages": {"pip": "numpy"}}},
+        message="config.packages.pip: expected an array of strings",
+    ),
+    Case(
+        "self_hosted with networking",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "config": {"type": "self_hosted", "networking": {"type": "unrestricted"}}},
+        message="config.networking: unknown field",
+    ),
+    Case(
+        "metadata value type",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "metadata": {"k": 1}},
+        message="metadata.k: expected a string, got integer",
+    ),
+    Case(
+        "too much metadata",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "metadata": {f"k{index}": "v" for index in range(17)}},
+        message="metadata: has 17 keys",
+    ),
+    Case(
+        "unknown top-level field",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "colour": "red"},
+        message="colour: unknown field",
+    ),
+    Case(
+        "unknown scope",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "config": {"type": "self_hosted"}, "scope": "galaxy"},
+        message="scope: unknown scope",
+    ),
+    Case(
+        "scope on cloud",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "scope": "account"},
+        message="scope: only applicable to self_hosted",
+    ),
+    Case(
+        "change config type",
+        "POST",
+        "/v1/environments/{cloud}",
+        {"config": {"type": "self_hosted"}},
+        message="cannot change an environment's type",
+    ),
+    Case(
+        "valid name with an invalid config",
+        "POST",
+        "/v1/environments/{cloud}",
+        {"name": "renamed", "metadata": {"new": "v"}, "config": {"type": "cloud", "networking": {"type": "x"}}},
+        message="config.networking.type",
+    ),
+    Case(
+        "update metadata not object",
+        "POST",
+        "/v1/environments/{cloud}",
+        {"metadata": "x"},
+        message="metadata: expected an object, got string",
+    ),
+    Case("update empty name", "POST", "/v1/environments/{cloud}", {"name": ""}, message="name: must not be empty"),
+    Case(
+        "archive with parameters",
+        "POST",
+        "/v1/environments/{cloud}/archive",
+        {"force": True},
+        message="force: unknown field",
+    ),
+    # environments: query
+    Case("limit zero", "GET", "/v1/environments?limit=0", message="limit: must be between 1 and 100"),
+    Case("limit not integer", "GET", "/v1/environments?limit=abc", message="limit: expected an integer"),
+    Case(
+        "include_archived not bool",
+        "GET",
+        "/v1/environments?include_archived=yes",
+        message="include_archived: expected 'true' or 'false'",
+    ),
+    Case("forged cursor", "GET", "/v1/environments?page=garbage", message="page:"),
+    # work queue
+    Case(
+        "block_ms zero",
+        "GET",
+        "/v1/environments/{pool}/work/poll?block_ms=0",
+        credential=ENV,
+        message="block_ms: must be between 1 and 999, got 0",
+    ),
+    Case(
+        "block_ms too long",
+        "GET",
+        "/v1/environments/{pool}/work/poll?block_ms=1000",
+        credential=ENV,
+        message="block_ms: must be between 1 and 999",
+    ),
+    Case(
+        "block_ms fraction",
+        "GET",
+        "/v1/environments/{pool}/work/poll?block_ms=1.5",
+        credential=ENV,
+        message="block_ms: expected an integer",
+    ),
+    Case(
+        "negative reclaim",
+        "GET",
+        "/v1/environments/{pool}/work/poll?reclaim_older_than_ms=-5",
+        credential=ENV,
+        message="reclaim_older_than_ms: must be between 0",
+    ),
+    Case(
+        "ttl zero",
+        "POST",
+        "/v1/environments/{pool}/work/{work}/heartbeat?desired_ttl_seconds=0",
+        credential=ENV,
+        message="desired_ttl_seconds: must be between 1",
+    ),
+    Case(
+        "ttl not integer",
+        "POST",
+        "/v1/environments/{pool}/work/{work}/heartbeat?desired_ttl_seconds=ten",
+        credential=ENV,
+        message="desired_ttl_seconds: expected an integer",
+    ),
+    Case(
+        "force not bool",
+        "POST",
+        "/v1/environments/{pool}/work/{work}/stop",
+        {"force": "yes"},
+        credential=ENV,
+        message="force: expected a boolean, got string",
+    ),
+    Case(
+        "stop unknown field",
+        "POST",
+        "/v1/environments/{pool}/work/{work}/stop",
+        {"graceful": True},
+        credential=ENV,
+        message="graceful: unknown field",
+    ),
+    Case(
+        "ack with parameters",
+        "POST",
+        "/v1/environments/{pool}/work/{work}/ack",
+        {"x": 1},
+        credential=ENV,
+        message="x: unknown field",
+    ),
+    Case(
+        "work metadata value type",
+        "POST",
+        "/v1/environments/{pool}/work/{work}",
+        {"metadata": {"k": 5}},
+        message="metadata.k: expected a string, got integer",
+    ),
+    Case(
+        "work metadata: one good key, one bad",
+        "POST",
+        "/v1/environments/{pool}/work/{work}",
+        {"metadata": {"ok": "v", "bad": 5}},
+        message="metadata.bad: expected a string, got integer",
+    ),
+    Case(
+        "work metadata not object",
+        "POST",
+        "/v1/environments/{pool}/work/{work}",
+        {"metadata": []},
+        message="metadata: expected an object, got array",
+    ),
+    Case(
+        "work list limit",
+        "GET",
+        "/v1/environments/{pool}/work?limit=101",
+        credential=ENV,
+        message="limit: must be between 1 and 100",
+    ),
+    # sessions
+    Case("session without agent", "POST", "/v1/sessions", {"environment_id": "{pool}"}, message="agent: required"),
+    Case(
+        "agent wrong type",
+        "POST",
+        "/v1/sessions",
+        {"agent": 5, "environment_id": "{pool}"},
+        message="agent: expected an object, got integer",
+    ),
+    Case(
+        "unknown agent type",
+        "POST",
+        "/v1/sessions",
+        {"agent": {"type": "robot", "id": "a"}, "environment_id": "{pool}"},
+        message="agent.type",
+    ),
+    Case(
+        "session without environment", "POST", "/v1/sessions", {"agent": "agent_1"}, message="environment_id: required"
+    ),
+    # emulator extensions
+    Case(
+        "key for cloud environment",
+        "POST",
+        "/_emulator/environments/{cloud}/environment-key",
+        message="only for self_hosted",
+    ),
+    Case(
+        "unknown fault effect",
+        "POST",
+        "/_emulator/faults",
+        {"faults": [{"route": "work.poll", "effect": "explode"}]},
+        message="faults[0].effect: unknown effect",
+    ),
+    Case(
+        "fault rate above 1",
+        "POST",
+        "/_emulator/faults",
+        {"faults": [{"route": "work.poll", "effect": "error", "rate": 2}]},
+        message="faults[0].rate",
+    ),
+    Case(
+        "fault route unknown",
+        "POST",
+        "/_emulator/faults",
+        {"faults": [{"route": "nope", "effect": "drop"}]},
+        message="faults[0].route: unknown route",
+    ),
+    Case("faults not array", "POST", "/_emulator/faults", {"faults": "all"}, message="faults: expected an array"),
+    Case(
+        "second fault bad: all or nothing",
+        "POST",
+        "/_emulator/faults",
+        {"faults": [{"route": "*", "effect": "drop"}, {"route": "*", "effect": "latency"}]},
+        message="faults[1].latency_ms: required",
+    ),
+    # routing, credentials and state conflicts
+    Case("unknown path", "GET", "/v1/nowhere", status=404, message="no route for GET /v1/nowhere"),
+    Case("wrong method", "PUT", "/v1/environments", {}, status=405, message="not allowed"),
+    Case("no credential", "GET", "/v1/environments", credential=NONE, status=401, message="missing credentials"),
+    Case("environment key on CRUD", "GET", "/v1/environments", credential=ENV, status=403, message="takes an API key"),
+    Case(
+        "API key on poll", "GET", "/v1/environments/{pool}/work/poll", status=403, message="takes the environment key"
+    ),
+    Case(
+        "stop a stopped item",
+        "POST",
+        "/v1/environments/{pool}/work/{stopped}/stop",
+        {},
+        credential=ENV,
+        status=409,
+        message="already stopped",
+    ),
+    Case(
+        "unknown work item",
+        "GET",
+        "/v1/environments/{pool}/work/work_000000000000000000000000",
+        status=404,
+        message="not found",
+    ),
+]
+
+
+@dataclass
+class World:
+    emulator: EmulatorServer
+    http: aiohttp.ClientSession
+    ids: dict[str, str]
+    environment_key: str
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async with running_emulator() as emulator:
+        pool = self_hosted_environment(emulator)
+        cloud = emulator.state.create_environment({"name": "cloud"})
+        queued, stopped = enqueue_sessions(emulator, pool.id, count=2)
+        emulator.state.stop(pool.id, stopped.id, force=True)
+        ids = {"pool": pool.id, "cloud": cloud.id, "work": queued.id, "stopped": stopped.id}
+        async with aiohttp.ClientSession(base_url=emulator.base_url) as http:
+            yield World(emulator, http, ids, pool.key)
+
+
+def fill(template: object, ids: dict[str, str]) -> object:
+    if isinstance(template, str):
+        return template.format(**ids)
+    if isinstance(template, dict):
+        return {key: fill(value, ids) for key, value in template.items()}
+    return template
+
+
+def test_there_are_at_least_30_cases() -> None:
+    assert len(CASES) >= 30
+    assert len({case.name for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+async def test_bad_request_gets_a_clear_error_and_changes_nothing(world: World, case: Case) -> None:
+    before = snapshot(world.emulator)
+    headers = {"anthropic-beta": "managed-agents-2026-04-01"}
+    if case.credential == API:
+        headers["x-api-key"] = API_KEY
+    elif case.credential == ENV:
+        headers["Authorization"] = f"Bearer {world.environment_key}"
+    if isinstance(case.body, bytes):
+        data: bytes | None = case.body
+    elif case.body is not None:
+        data = json.dumps(fill(case.body, world.ids)).encode()
+    else:
+        data = None
+    path = case.path.format(**world.ids)
+    async with world.http.request(case.method, path, data=data, headers=headers) as response:
+        body = await response.json()
+        assert response.status == case.status, body
+        assert response.content_type == "application/json"
+    assert body["type"] == "error"
+    assert set(body["error"]) >= {"type", "message"}
+    expected_type = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        409: "conflict_error",
+    }[case.status]
+    assert body["error"]["type"] == expected_type
+    assert case.message in body["error"]["message"]
+    assert snapshot(world.emulator) == before
