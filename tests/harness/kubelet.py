@@ -1,0 +1,195 @@
+"""A stand-in for the kubelet: moves pods in the fake apiserver through their lifecycle.
+
+It never does the operator's work; it only writes pod status (through the status subresource, as the
+kubelet and the scheduler do) and deletes pods (as a node loss or an eviction would).
+
+    kubelet.run("pod-a", "ns")                       # Pending -> Running (containers running, Ready)
+    kubelet.succeed("pod-a", "ns")                   # -> Succeeded (exit code 0)
+    kubelet.fail("pod-b", "ns", exit_code=137, reason="OOMKilled")
+    kubelet.image_pull_backoff("pod-c", "ns")        # stays Pending; container waiting: ImagePullBackOff
+    kubelet.unschedulable("pod-d", "ns")             # stays Pending; PodScheduled=False/Unschedulable
+    kubelet.vanish("pod-e", "ns")                    # deleted (finalizers stripped: the node is gone)
+
+    kubelet.start_auto(running_after=0.05, finish_after=0.5)   # every new Pending pod, in the background
+    ...
+    await kubelet.stop_auto()
+
+What this module may not do: create or change anything but pods' status, or delete anything but pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import itertools
+from collections.abc import Callable
+
+from tests.harness.apimachinery import JSON
+from tests.harness.kube import PODS, Kube
+
+PodFilter = Callable[[JSON], bool]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(kind: str, status: bool, reason: str | None = None, message: str | None = None) -> JSON:
+    condition = {"type": kind, "status": "True" if status else "False", "lastProbeTime": None,
+                 "lastTransitionTime": _now()}
+    condition.update({key: value for key, value in (("reason", reason), ("message", message)) if value})
+    return condition
+
+
+def _container_statuses(pod: JSON, state: JSON, *, ready: bool, started: bool) -> list[JSON]:
+    return [{"name": container.get("name", ""), "image": container.get("image", ""), "imageID": "",
+             "ready": ready, "started": started, "restartCount": 0, "state": state}
+            for container in pod.get("spec", {}).get("containers", [])]
+
+
+class Kubelet:
+    """Pod lifecycle transitions on a ``Kube`` (the ``kubelet`` fixture yields one)."""
+
+    def __init__(self, kube: Kube):
+        self.kube = kube
+        self._addresses = itertools.count(2)
+        self._auto_task: asyncio.Task[None] | None = None
+        self._pod_tasks: set[asyncio.Task[None]] = set()
+
+    def _pod(self, name: str, namespace: str) -> JSON:
+        pod = self.kube.get(PODS, name, namespace)
+        if pod is None:
+            raise LookupError(f"no pod {namespace}/{name}")
+        return pod
+
+    def _set_status(self, name: str, namespace: str, status: JSON) -> JSON:
+        return self.kube.patch_status(PODS, name, status, namespace)
+
+    def run(self, name: str, namespace: str) -> JSON:
+        """Scheduled, containers started and ready: phase Running."""
+        pod, now = self._pod(name, namespace), _now()
+        return self._set_status(name, namespace, {
+            "phase": "Running", "hostIP": "10.0.0.1", "podIP": f"10.244.0.{next(self._addresses) % 250 + 2}",
+            "startTime": now,
+            "conditions": [_condition("PodScheduled", True), _condition("Initialized", True),
+                           _condition("ContainersReady", True), _condition("Ready", True)],
+            "containerStatuses": _container_statuses(pod, {"running": {"startedAt": now}}, ready=True, started=True),
+        })
+
+    def succeed(self, name: str, namespace: str) -> JSON:
+        """All containers exited 0: phase Succeeded."""
+        return self._terminate(name, namespace, "Succeeded", exit_code=0, reason="Completed")
+
+    def fail(self, name: str, namespace: str, *, exit_code: int = 1, reason: str = "Error",
+             message: str | None = None) -> JSON:
+        """A container exited non-zero (``reason`` e.g. Error, OOMKilled): phase Failed."""
+        return self._terminate(name, namespace, "Failed", exit_code=exit_code, reason=reason, message=message)
+
+    def _terminate(self, name: str, namespace: str, phase: str, *, exit_code: int, reason: str,
+                   message: str | None = None) -> JSON:
+        pod, now = self._pod(name, namespace), _now()
+        started = pod.get("status", {}).get("startTime", now)
+        terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now}
+        if message:
+            terminated["message"] = message
+        pod_reason = "PodCompleted" if phase == "Succeeded" else "PodFailed"
+        return self._set_status(name, namespace, {
+            "phase": phase, "startTime": started,
+            "conditions": [_condition("PodScheduled", True), _condition("Initialized", True, pod_reason),
+                           _condition("ContainersReady", False, pod_reason), _condition("Ready", False, pod_reason)],
+            "containerStatuses": _container_statuses(pod, {"terminated": terminated}, ready=False, started=False),
+        })
+
+    def image_pull_backoff(self, name: str, namespace: str) -> JSON:
+        """Scheduled, but the image cannot be pulled: stays Pending, containers waiting in ImagePullBackOff."""
+        pod = self._pod(name, namespace)
+        image = next((c.get("image", "") for c in pod.get("spec", {}).get("containers", [])), "")
+        waiting = {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{image}"'}}
+        return self._set_status(name, namespace, {
+            "phase": "Pending", "hostIP": "10.0.0.1", "startTime": _now(),
+            "conditions": [_condition("PodScheduled", True), _condition("Initialized", True),
+                           _condition("ContainersReady", False, "ContainersNotReady"),
+                           _condition("Ready", False, "ContainersNotReady")],
+            "containerStatuses": _container_statuses(pod, waiting, ready=False, started=False),
+        })
+
+    def unschedulable(self, name: str, namespace: str,
+                      message: str = "0/3 nodes are available: 3 Insufficient cpu.") -> JSON:
+        """No node fits: stays Pending with PodScheduled=False, reason Unschedulable."""
+        self._pod(name, namespace)
+        return self._set_status(name, namespace, {
+            "phase": "Pending",
+            "conditions": [_condition("PodScheduled", False, "Unschedulable", message)],
+        })
+
+    def vanish(self, name: str, namespace: str, *, force: bool = True) -> None:
+        """The pod disappears (node lost, evicted, deleted by someone else). ``force`` strips finalizers."""
+        pod = self._pod(name, namespace)
+        if force and pod["metadata"].get("finalizers"):
+            self.kube.remove_finalizers(PODS, name, namespace)
+        if self.kube.get(PODS, name, namespace) is not None:
+            self.kube.delete(PODS, name, namespace)
+
+    # --- automatic mode -----------------------------------------------------------------------------------
+
+    def start_auto(self, *, running_after: float = 0.05, finish_after: float | None = None,
+                   exit_code: int = 0, match: PodFilter | None = None) -> None:
+        """In the background, run every Pending pod (existing or new, and matching ``match``) after
+        ``running_after`` seconds; then, if ``finish_after`` is given, end it with ``exit_code`` (0:
+        Succeeded, else Failed) that much later. Pods a test moved on meanwhile are left alone."""
+        if self._auto_task is not None:
+            raise RuntimeError("the automatic kubelet is already running")
+        self._auto_task = asyncio.create_task(self._auto(running_after, finish_after, exit_code, match))
+
+    async def stop_auto(self) -> None:
+        tasks = [task for task in (self._auto_task, *self._pod_tasks) if task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._auto_task = None
+        self._pod_tasks.clear()
+
+    async def _auto(self, running_after: float, finish_after: float | None, exit_code: int,
+                    match: PodFilter | None) -> None:
+        changes = self.kube.changes(PODS)  # subscribe before scanning, so no pod slips in between
+        for pod in self.kube.list(PODS):
+            self._adopt(pod, running_after, finish_after, exit_code, match)
+        async for change in changes:
+            if change.type == "ADDED":
+                self._adopt(change.object, running_after, finish_after, exit_code, match)
+
+    def _adopt(self, pod: JSON, running_after: float, finish_after: float | None, exit_code: int,
+               match: PodFilter | None) -> None:
+        if pod.get("status", {}).get("phase") != "Pending" or (match is not None and not match(pod)):
+            return
+        task = asyncio.create_task(self._lifecycle(pod["metadata"]["name"], pod["metadata"]["namespace"],
+                                                   pod["metadata"]["uid"], running_after, finish_after, exit_code))
+        self._pod_tasks.add(task)
+        task.add_done_callback(self._pod_tasks.discard)
+
+    def _still(self, name: str, namespace: str, uid: str, phase: str) -> bool:
+        pod = self.kube.get(PODS, name, namespace)
+        if pod is None or pod["metadata"]["uid"] != uid or pod["metadata"].get("deletionTimestamp"):
+            return False
+        status = pod.get("status", {})
+        untouched = "containerStatuses" in status if phase == "Running" else "conditions" not in status
+        return status.get("phase") == phase and untouched
+
+    async def _lifecycle(self, name: str, namespace: str, uid: str, running_after: float,
+                         finish_after: float | None, exit_code: int) -> None:
+        await asyncio.sleep(running_after)
+        if not self._still(name, namespace, uid, "Pending"):
+            return
+        self.run(name, namespace)
+        if finish_after is None:
+            return
+        await asyncio.sleep(finish_after)
+        if not self._still(name, namespace, uid, "Running"):
+            return
+        if exit_code == 0:
+            self.succeed(name, namespace)
+        else:
+            self.fail(name, namespace, exit_code=exit_code)
