@@ -1,7 +1,8 @@
 """Validate custom objects against a generated CRD the way the apiserver does, without an apiserver.
 
 Order as in kube-apiserver: structural defaulting, then OpenAPI schema validation (with strict field
-validation, so an unknown field is an error as with ``kubectl apply``), then the CEL rules in
+validation, so an unknown field is an error as with ``kubectl apply``; defaulting, pruning and the
+schema conversion are shared with ``pruning``), then the CEL rules in
 ``x-kubernetes-validations``; transition rules (those using ``oldSelf``) run only on update, where the
 old object has a value at the same path. Each error names the field path and the reason.
 """
@@ -14,6 +15,8 @@ from typing import Any
 
 import celpy
 import jsonschema
+
+from tests.harness.pruning import apply_defaults, as_json_schema, crd_schema, prune
 
 JSON = dict[str, Any]
 
@@ -28,39 +31,6 @@ class FieldError:
         return f"{self.path}: {self.reason} ({self.source})"
 
 
-def crd_schema(crd: JSON) -> JSON:
-    schema: JSON = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return schema
-
-
-def apply_defaults(obj: Any, schema: JSON) -> Any:
-    if isinstance(obj, dict) and "properties" in schema:
-        for name, sub in schema["properties"].items():
-            if name not in obj and "default" in sub:
-                obj[name] = copy.deepcopy(sub["default"])
-            if name in obj:
-                obj[name] = apply_defaults(obj[name], sub)
-    elif isinstance(obj, list) and "items" in schema:
-        return [apply_defaults(item, schema["items"]) for item in obj]
-    return obj
-
-
-def _to_jsonschema(node: Any) -> Any:
-    """OpenAPI v3 structural schema -> JSON Schema with strict unknown-field checks."""
-    if isinstance(node, list):
-        return [_to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes") and k != "nullable"}
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    if "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out.setdefault("additionalProperties", False)
-    return out
-
-
 def _path(parts: Any) -> str:
     text = ""
     for part in parts:
@@ -69,15 +39,14 @@ def _path(parts: Any) -> str:
 
 
 def schema_errors(obj: JSON, schema: JSON) -> list[FieldError]:
-    validator = jsonschema.Draft7Validator(_to_jsonschema(schema))
-    errors = []
-    for error in validator.iter_errors(obj):
+    """Unknown fields (strict field validation, as ``kubectl apply`` asks for), then schema violations."""
+    candidate = copy.deepcopy(obj)
+    errors = [
+        FieldError(path, f"unknown field {path.rsplit('.', 1)[-1]!r}", "schema") for path in prune(candidate, schema)
+    ]
+    for error in jsonschema.Draft4Validator(as_json_schema(schema)).iter_errors(candidate):
         path = _path(error.absolute_path)
-        if error.validator == "additionalProperties":
-            unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-            path = ".".join(p for p in (path if path != "<root>" else "", unknown[0]) if p)
-            errors.append(FieldError(path, f"unknown field {unknown[0]!r}", "schema"))
-        elif error.validator == "required":
+        if error.validator == "required":
             missing = error.message.split("'")[1]
             errors.append(FieldError(f"{path}.{missing}" if path != "<root>" else missing, "required", "schema"))
         else:
@@ -126,6 +95,10 @@ def cel_errors(new: Any, schema: JSON, old: Any = _ABSENT, path: str = "") -> li
 def validate(crd: JSON, obj: JSON, old: JSON | None = None) -> list[FieldError]:
     """All errors the apiserver would report for creating ``obj`` (or updating ``old`` to ``obj``)."""
     schema = crd_schema(crd)
-    new = apply_defaults(copy.deepcopy(obj), schema)
-    previous = apply_defaults(copy.deepcopy(old), schema) if old is not None else _ABSENT
+    new = copy.deepcopy(obj)
+    apply_defaults(new, schema)
+    previous: Any = _ABSENT
+    if old is not None:
+        previous = copy.deepcopy(old)
+        apply_defaults(previous, schema)
     return schema_errors(new, schema) + cel_errors(new, schema, previous)

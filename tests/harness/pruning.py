@@ -91,16 +91,16 @@ def apply_defaults(node: Any, schema: JSON) -> None:
             apply_defaults(item, schema["items"])
 
 
-def _as_json_schema(node: JSON) -> JSON:
+def as_json_schema(node: JSON) -> JSON:
     # OpenAPI v3.0 (draft-4 based) differs from JSON Schema draft 4 by `nullable` and the k8s extensions.
     result: JSON = {}
     for key, value in node.items():
         if key in _SCHEMA_MAPS:
-            result[key] = {name: _as_json_schema(sub) for name, sub in value.items()}
+            result[key] = {name: as_json_schema(sub) for name, sub in value.items()}
         elif key in _SCHEMA_LISTS:
-            result[key] = [_as_json_schema(sub) for sub in value]
+            result[key] = [as_json_schema(sub) for sub in value]
         elif key in _SCHEMA_SINGLES and isinstance(value, dict):
-            result[key] = _as_json_schema(value)
+            result[key] = as_json_schema(value)
         elif not (key.startswith("x-kubernetes-") or key == "nullable"):
             result[key] = value
     if node.get("x-kubernetes-int-or-string"):
@@ -115,7 +115,7 @@ def _as_json_schema(node: JSON) -> JSON:
 
 def schema_errors(obj: JSON, schema: JSON) -> list[str]:
     """Type/required/enum/range violations the apiserver would answer with 422 Invalid."""
-    validator = jsonschema.Draft4Validator(_as_json_schema(schema))
+    validator = jsonschema.Draft4Validator(as_json_schema(schema))
     return sorted(
         f"{'.'.join(str(part) for part in error.absolute_path) or '<root>'}: {error.message}"
         for error in validator.iter_errors(obj)
