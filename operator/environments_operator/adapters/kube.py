@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -49,7 +50,10 @@ def load_configuration() -> kubernetes.client.Configuration:
     try:
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        # The client library reads KUBECONFIG once, at import; read it now, as kubectl would.
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+        )
     return configuration
 
 
@@ -146,3 +150,10 @@ class KubeClient:
         if not value:
             raise SecretKeyError(f"Secret {namespace}/{name} key {key!r} is empty")
         return value
+
+    async def patch_custom_status(self, group: str, version: str, plural: str, namespace: str, name: str,
+                                  status: JSON) -> None:
+        """Merge-patch the status subresource of a custom object (no resourceVersion: never a 409)."""
+        api = kubernetes.client.CustomObjectsApi(self._api)
+        await self._call(api.patch_namespaced_custom_object_status, group, version, namespace, plural, name,
+                         {"status": status}, _content_type="application/merge-patch+json")

@@ -31,12 +31,25 @@ _LIMITED_ONLY = ("allowedHosts", "allowPackageManagers", "allowMcpServers")
 _CLOUD_ONLY = ("networking", "packages")
 
 
+def _only_with_type_rule(fields: tuple[str, ...], type_value: str, message: str) -> dict[str, str]:
+    """The CEL twin of ``_reject_unless_type``, for the apiserver."""
+    absent = " && ".join(f"!has(self.{field})" for field in fields)
+    return {"rule": f"self.type == '{type_value}' || ({absent})", "message": message}
+
+
+def _reject_unless_type(model: SpecModel, fields: tuple[str, ...], type_value: str, label: str) -> None:
+    if getattr(model, "type", None) != type_value:
+        given = [field for field in fields if getattr(model, field) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only allowed with {label} {type_value}")
+
+
 class Networking(SpecModel):
     model_config = SpecModel.model_config | {
-        "json_schema_extra": cel({
-            "rule": "self.type == 'limited' || (" + " && ".join(f"!has(self.{f})" for f in _LIMITED_ONLY) + ")",
-            "message": "allowedHosts, allowPackageManagers and allowMcpServers are only allowed with type limited",
-        })
+        "json_schema_extra": cel(_only_with_type_rule(
+            _LIMITED_ONLY, "limited",
+            "allowedHosts, allowPackageManagers and allowMcpServers are only allowed with type limited",
+        ))
     }
 
     type: NetworkType = Field(description="Network policy: unrestricted, or limited to the allowed hosts.")
@@ -54,10 +67,7 @@ class Networking(SpecModel):
 
     @model_validator(mode="after")
     def _limited_fields_only_when_limited(self) -> Networking:
-        if self.type != "limited":
-            given = [f for f in _LIMITED_ONLY if getattr(self, f) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} only allowed with networking type limited")
+        _reject_unless_type(self, _LIMITED_ONLY, "limited", "networking type")
         return self
 
 
@@ -75,10 +85,9 @@ class Packages(SpecModel):
 class EnvironmentConfig(SpecModel):
     model_config = SpecModel.model_config | {
         "json_schema_extra": cel(
-            {
-                "rule": "self.type == 'cloud' || (" + " && ".join(f"!has(self.{f})" for f in _CLOUD_ONLY) + ")",
-                "message": "networking and packages are only allowed with config type cloud",
-            },
+            _only_with_type_rule(
+                _CLOUD_ONLY, "cloud", "networking and packages are only allowed with config type cloud"
+            ),
             {"rule": "self.type == oldSelf.type", "message": "config.type is immutable"},
         )
     }
@@ -91,10 +100,7 @@ class EnvironmentConfig(SpecModel):
 
     @model_validator(mode="after")
     def _cloud_fields_only_when_cloud(self) -> EnvironmentConfig:
-        if self.type != "cloud":
-            given = [f for f in _CLOUD_ONLY if getattr(self, f) is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} only allowed with config type cloud")
+        _reject_unless_type(self, _CLOUD_ONLY, "cloud", "config type")
         return self
 
 
@@ -152,6 +158,15 @@ class EnvironmentStatus(StatusModel):
     )
     driftedFields: list[str] | None = Field(
         default=None, description="Fields that differed from the spec at the last drift check."
+    )
+    createRequestedBy: str | None = Field(
+        default=None,
+        description="Operator instance that may have sent a create request whose result is not yet in id; "
+        "any other instance first looks for an environment stamped with this resource's UID.",
+    )
+    lastHandledSyncNow: str | None = Field(
+        default=None,
+        description="Value of the environments.managedagents.dev/sync-now annotation that was last acted upon.",
     )
     conditions: list[Condition] | None = Field(
         default=None, description="Ready, Synced and other conditions, Kubernetes-style."

@@ -4,4 +4,8 @@ Importing this package registers every handler on kopf's default registry. Each 
 its own import below.
 """
 
-from environments_operator.handlers import startup  # noqa: F401  (registers handlers on import)
+from environments_operator.handlers import (
+    environment,  # noqa: F401  (registers handlers on import)
+    startup,  # noqa: F401  (registers handlers on import)
+    workerpool,  # noqa: F401  (registers handlers on import)
+)

@@ -24,15 +24,17 @@ def apply_kopf_settings(settings: kopf.OperatorSettings) -> None:
 
     Progress and diff-base live in annotations, not in ``status.kopf``: a real apiserver prunes every
     status field the CRD does not declare, which would make kopf lose its place on every handler retry.
-    kopf's own log-to-Event posting is off, because handler logs can carry API error texts; the
-    controllers post the Events they mean to post.
+    Posting stays enabled, or ``kopf.event`` would post nothing; kopf's log-to-Event posting
+    (``loggers``) is off, because handler logs can carry API error texts: the controllers post the
+    Events they mean to post.
     """
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = FINALIZER
-    settings.posting.enabled = False
+    settings.posting.enabled = True
+    settings.posting.loggers = False
     # Reconnect watches well before load balancers cut idle streams, and never hang on a dead one.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

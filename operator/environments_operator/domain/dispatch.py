@@ -1,0 +1,510 @@
+"""Pure decisions of the WorkerPool controller in ``PerWorkItem`` mode.
+
+The controller's I/O loop (``handlers/workerpool.py``) asks this module every question it has to
+answer, and only then acts:
+
+- **What is the pool serving?** ``parse_pool_spec`` and ``resolve_environment`` turn the spec and the
+  Environment index into an environment ID, or a ``Blocker`` that names what is missing.
+- **May it poll?** Capacity is ``maxWorkers`` minus the unfinished worker pods, the items being
+  dispatched right now and the polls in flight (each of which may return an item). The pollers
+  grow by one per claimed item (so a burst is served by up to ``MAX_CONCURRENT_POLLS`` pipelined
+  pollers after a few round trips) and shrink back to one as soon as a poll comes back empty, so an
+  idle pool keeps a single long-poll open.
+- **What happened to the pods?** ``worker_pod_view`` reads a pod into the few facts that matter;
+  ``plan_lifecycle`` says which pods timed out starting, failed, vanished or outlived their TTL.
+- **What does the status say?** ``worker_counts``, ``desired_workers`` and ``pool_conditions``.
+
+No I/O, no clocks: every function takes ``now`` when it needs the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from environments_operator.domain.conditions import ConditionDict, set_condition
+from environments_operator.domain.worker_manifests import (
+    ANNOTATION_WORK_ID,
+    ANNOTATION_WORKER_POOL,
+    LABEL_WORK_ID,
+    LABEL_WORKER_POOL,
+    worker_pod_name,
+)
+from environments_operator.domain.workerpool import QueueStatus, WorkerCounts, WorkerPoolSpec
+
+# Upper bound on pipelined polls per pool: enough to hide a round trip per item in a burst, and
+# well within the Kubernetes client's thread pool, which every dispatch of every pool shares.
+MAX_CONCURRENT_POLLS = 16
+
+# A pod vanishes from our view when it is deleted; one we deleted ourselves is not "vanished".
+# Remember such names this long, far beyond the time a watch event needs to arrive.
+FORGET_DELETED_AFTER_SECONDS = 600.0
+
+PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED, PHASE_UNKNOWN = (
+    "Pending", "Running", "Succeeded", "Failed", "Unknown",
+)
+FINISHED_PHASES = frozenset({PHASE_SUCCEEDED, PHASE_FAILED})
+
+WorkerState = Literal["starting", "running", "succeeded", "failed"]
+
+CONDITION_READY = "Ready"
+CONDITION_AT_CAPACITY = "AtCapacity"
+CONDITION_DISPATCH_FAILING = "DispatchFailing"
+
+
+# ----- what the pool serves -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why a pool cannot dispatch right now: a CamelCase ``reason`` and a message naming the cause."""
+
+    reason: str
+    message: str
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A one-line account of a spec validation error: each failing field and why."""
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error.get("loc", ()))
+        parts.append(f"spec.{location}: {error.get('msg')}" if location else f"spec: {error.get('msg')}")
+    return "; ".join(parts)
+
+
+def parse_pool_spec(spec: Mapping[str, Any]) -> WorkerPoolSpec | Blocker:
+    try:
+        parsed = WorkerPoolSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        return Blocker("InvalidSpec", describe_validation_error(exc))
+    if parsed.mode != "PerWorkItem":
+        return Blocker(
+            "ModeNotSupported",
+            f"mode {parsed.mode} is not supported yet; only PerWorkItem pools dispatch work",
+        )
+    return parsed
+
+
+@dataclass(frozen=True)
+class EnvironmentEntry:
+    """What a WorkerPool needs to know about an Environment resource (one kopf index value)."""
+
+    name: str
+    id: str | None
+    type: str | None
+    archived: bool
+
+
+def environment_entry(name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> EnvironmentEntry:
+    config = spec.get("config") or {}
+    return EnvironmentEntry(
+        name=name,
+        id=status.get("id") or None,
+        # The API's answer wins; the spec says what it will be before the first sync.
+        type=status.get("type") or config.get("type"),
+        archived=bool(status.get("archivedAt")),
+    )
+
+
+def resolve_environment(
+    spec: WorkerPoolSpec, namespace: str, entries: Sequence[EnvironmentEntry]
+) -> str | Blocker:
+    """The environment ID the pool serves, or why there is none yet."""
+    if spec.environmentId:
+        return spec.environmentId
+    assert spec.environmentRef is not None  # the spec model guarantees exactly one of the two
+    name = spec.environmentRef.name
+    if not entries:
+        return Blocker("EnvironmentNotFound", f"Environment {name!r} not found in namespace {namespace}")
+    entry = entries[0]
+    if entry.type is not None and entry.type != "self_hosted":
+        return Blocker(
+            "EnvironmentNotSelfHosted",
+            f"Environment {name!r} is {entry.type}; a WorkerPool serves only self_hosted environments",
+        )
+    if entry.archived:
+        return Blocker("EnvironmentArchived", f"Environment {name!r} is archived and takes no new work")
+    if not entry.id:
+        return Blocker("EnvironmentNotReady", f"Environment {name!r} has no status.id yet (not synced)")
+    return entry.id
+
+
+# ----- capacity and pollers -------------------------------------------------------------------------
+
+
+def occupied_slots(unfinished_work_ids: Set[str], dispatching: Set[str]) -> int:
+    """Worker slots taken: unfinished pods, plus items claimed whose pods are not in view yet."""
+    return len(unfinished_work_ids | dispatching)
+
+
+def can_start_poll(*, max_workers: int, occupied: int, polling: int) -> bool:
+    """A poll may start only if every poll in flight could return an item and still fit."""
+    return occupied + polling < max_workers
+
+
+def should_add_poller(*, max_workers: int, occupied: int, polling: int, pollers: int) -> bool:
+    """After a claim: one more poller, while a slot is left that nobody polls for."""
+    return pollers < MAX_CONCURRENT_POLLS and can_start_poll(
+        max_workers=max_workers, occupied=occupied, polling=polling
+    )
+
+
+def poller_should_retire(*, pollers: int, poll_was_empty: bool) -> bool:
+    """An empty poll means the burst is over: all but the last poller go away."""
+    return poll_was_empty and pollers > 1
+
+
+def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff for the ``attempt``-th consecutive failure (1-based), capped."""
+    return float(min(cap, base * 2 ** max(0, attempt - 1)))
+
+
+# ----- pods -----------------------------------------------------------------------------------------
+
+
+def parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class WorkerPodView:
+    """The facts about one worker pod that dispatch and lifecycle decisions use."""
+
+    name: str
+    namespace: str
+    pool: str
+    work_id: str
+    phase: str
+    deleting: bool = False
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    # Why it is not running or why it ended, as Kubernetes says it (e.g. "ImagePullBackOff: ...").
+    cause: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED_PHASES
+
+    @property
+    def state(self) -> WorkerState:
+        if self.phase == PHASE_PENDING:
+            return "starting"
+        if self.phase == PHASE_SUCCEEDED:
+            return "succeeded"
+        if self.phase == PHASE_FAILED:
+            return "failed"
+        return "running"
+
+
+def _container_statuses(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def _pod_cause(phase: str, status: Mapping[str, Any]) -> str | None:
+    def described(reason: object, message: object) -> str:
+        return f"{reason}: {message}" if message else str(reason)
+
+    for container in _container_statuses(status):
+        state = container.get("state") or {}
+        waiting = state.get("waiting") or {}
+        terminated = state.get("terminated") or {}
+        if phase == PHASE_PENDING and waiting.get("reason") and waiting.get("reason") != "ContainerCreating":
+            return f"container {container.get('name')}: " + described(waiting["reason"], waiting.get("message"))
+        if phase == PHASE_FAILED and terminated and terminated.get("exitCode", 0) != 0:
+            reason = terminated.get("reason") or "Error"
+            return (f"container {container.get('name')} terminated: {reason} "
+                    f"(exit code {terminated.get('exitCode')})")
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return described(condition.get("reason") or "Unschedulable", condition.get("message"))
+    if status.get("reason"):
+        return described(status["reason"], status.get("message"))
+    return None
+
+
+def worker_pod_view(pod: Mapping[str, Any]) -> WorkerPodView | None:
+    """Read a worker pod; ``None`` if it does not carry the contract labels."""
+    metadata: Mapping[str, Any] = pod.get("metadata") or {}
+    labels: Mapping[str, Any] = metadata.get("labels") or {}
+    annotations: Mapping[str, Any] = metadata.get("annotations") or {}
+    work_id = annotations.get(ANNOTATION_WORK_ID) or labels.get(LABEL_WORK_ID)
+    pool = annotations.get(ANNOTATION_WORKER_POOL) or labels.get(LABEL_WORKER_POOL)
+    if not work_id or not pool or not metadata.get("name"):
+        return None
+    status: Mapping[str, Any] = pod.get("status") or {}
+    # A pod the kubelet has not reported on yet has no phase; the apiserver would say Pending.
+    phase = str(status.get("phase") or PHASE_PENDING)
+    finished_times = [
+        t for t in (
+            parse_time(((c.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+            for c in status.get("containerStatuses") or []
+        ) if t is not None
+    ]
+    return WorkerPodView(
+        name=str(metadata["name"]),
+        namespace=str(metadata.get("namespace") or ""),
+        pool=str(pool),
+        work_id=str(work_id),
+        phase=phase,
+        deleting=bool(metadata.get("deletionTimestamp")),
+        created_at=parse_time(metadata.get("creationTimestamp")),
+        finished_at=max(finished_times) if phase in FINISHED_PHASES and finished_times else None,
+        cause=_pod_cause(phase, status),
+    )
+
+
+def unfinished_work_ids(views: Iterable[WorkerPodView]) -> set[str]:
+    return {view.work_id for view in views if not view.finished}
+
+
+# ----- lifecycle ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PodMemory:
+    """What the controller remembers between lifecycle passes; rebuilt empty after a restart.
+
+    ``first_seen`` and ``finished_seen`` stand in for timestamps a pod does not carry;
+    ``deleted`` holds pods the controller deleted itself (so their disappearance is expected);
+    ``reported`` holds the work IDs whose abnormal end was already acted on.
+    """
+
+    known: dict[str, WorkerPodView] = field(default_factory=dict)
+    first_seen: dict[str, datetime] = field(default_factory=dict)
+    finished_seen: dict[str, datetime] = field(default_factory=dict)
+    deleted: dict[str, datetime] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class LifecyclePlan:
+    """What to do about the pool's pods now, and when to look again."""
+
+    # Pending past the startup timeout: force-stop the item, delete pod and Secret, WorkerStartTimeout.
+    timed_out: tuple[WorkerPodView, ...] = ()
+    # Failed: force-stop the item, report WorkerFailed; the pod stays until its TTL (for its logs).
+    failed: tuple[WorkerPodView, ...] = ()
+    # Gone without finishing, and not deleted by us: force-stop the item, delete its Secret, report.
+    vanished: tuple[WorkerPodView, ...] = ()
+    # Finished longer than ttlSecondsAfterFinished ago: delete pod and Secret.
+    expired: tuple[WorkerPodView, ...] = ()
+    # Seconds until the next startup or TTL deadline; None when no deadline is pending.
+    next_check_in: float | None = None
+
+
+def _seconds(later: datetime, earlier: datetime) -> float:
+    return (later - earlier).total_seconds()
+
+
+def plan_lifecycle(
+    views: Sequence[WorkerPodView],
+    memory: PodMemory,
+    *,
+    now: datetime,
+    startup_timeout_seconds: float,
+    ttl_seconds_after_finished: float,
+) -> LifecyclePlan:
+    """Decide the lifecycle actions for the pool's pods, and update ``memory`` to the current view.
+
+    Each abnormal end is planned once per work ID (``memory.reported``); the caller carries out the
+    plan and records the deletions it makes in ``memory.deleted``.
+    """
+    current = {view.name: view for view in views}
+    for name in current:
+        memory.first_seen.setdefault(name, now)
+    timed_out: list[WorkerPodView] = []
+    failed: list[WorkerPodView] = []
+    expired: list[WorkerPodView] = []
+    deadlines: list[float] = []
+
+    for view in views:
+        if view.name in memory.deleted:
+            continue
+        if view.phase == PHASE_PENDING and not view.deleting:
+            started = view.created_at or memory.first_seen[view.name]
+            remaining = startup_timeout_seconds - _seconds(now, started)
+            if remaining <= 0 and view.work_id not in memory.reported:
+                timed_out.append(view)
+            elif remaining > 0:
+                deadlines.append(remaining)
+        elif view.finished:
+            finished = view.finished_at or memory.finished_seen.setdefault(view.name, now)
+            if view.phase == PHASE_FAILED and view.work_id not in memory.reported:
+                failed.append(view)
+            remaining = ttl_seconds_after_finished - _seconds(now, finished)
+            if remaining <= 0:
+                expired.append(view)
+            else:
+                deadlines.append(remaining)
+
+    vanished = [
+        view for name, view in memory.known.items()
+        if name not in current and name not in memory.deleted
+        and view.phase != PHASE_SUCCEEDED and view.work_id not in memory.reported
+    ]
+
+    memory.reported.update(v.work_id for v in (*timed_out, *failed, *vanished))
+    memory.known = dict(current)
+    for name in [n for n in memory.first_seen if n not in current]:
+        del memory.first_seen[name]
+    for name in [n for n in memory.finished_seen if n not in current]:
+        del memory.finished_seen[name]
+    for name in [n for n, at in memory.deleted.items()
+                 if n not in current and _seconds(now, at) > FORGET_DELETED_AFTER_SECONDS]:
+        del memory.deleted[name]
+    live_work_ids = {view.work_id for view in views}
+    memory.reported.intersection_update(live_work_ids | {v.work_id for v in vanished})
+
+    return LifecyclePlan(
+        timed_out=tuple(timed_out),
+        failed=tuple(failed),
+        vanished=tuple(vanished),
+        expired=tuple(expired),
+        next_check_in=max(0.0, min(deadlines)) if deadlines else None,
+    )
+
+
+def orphaned_secrets(
+    secrets: Iterable[Mapping[str, Any]],
+    pod_names: Set[str],
+    in_flight_work_ids: Set[str],
+    *,
+    now: datetime,
+    grace_seconds: float,
+) -> list[str]:
+    """Per-item Secrets whose pod is gone: the names to delete.
+
+    A Secret is created just before its pod, so one younger than ``grace_seconds`` or whose item is
+    being dispatched right now is left alone. Deleting an orphan is always safe: if its item is
+    offered again, dispatch creates the Secret anew.
+    """
+    orphans = []
+    for secret in secrets:
+        metadata: Mapping[str, Any] = secret.get("metadata") or {}
+        annotations: Mapping[str, Any] = metadata.get("annotations") or {}
+        labels: Mapping[str, Any] = metadata.get("labels") or {}
+        work_id = annotations.get(ANNOTATION_WORK_ID) or labels.get(LABEL_WORK_ID)
+        name = metadata.get("name")
+        if not work_id or not name or work_id in in_flight_work_ids or worker_pod_name(work_id) in pod_names:
+            continue
+        created = parse_time(metadata.get("creationTimestamp"))
+        if created is not None and _seconds(now, created) < grace_seconds:
+            continue
+        orphans.append(str(name))
+    return orphans
+
+
+def start_timeout_message(view: WorkerPodView, timeout_seconds: float) -> str:
+    cause = view.cause or "the pod was never scheduled or its containers never started"
+    return (f"worker pod {view.name} for work item {view.work_id} was still Pending after "
+            f"{timeout_seconds:g}s ({cause}); the work item was force-stopped and the pod deleted")
+
+
+def failed_message(view: WorkerPodView) -> str:
+    cause = view.cause or "the pod failed"
+    return f"worker pod {view.name} for work item {view.work_id} failed ({cause}); the work item was force-stopped"
+
+
+def vanished_message(view: WorkerPodView) -> str:
+    return (f"worker pod {view.name} for work item {view.work_id} disappeared before it finished; "
+            "the work item was force-stopped")
+
+
+# ----- status ---------------------------------------------------------------------------------------
+
+
+def worker_counts(views: Iterable[WorkerPodView]) -> WorkerCounts:
+    counts = {"starting": 0, "running": 0, "succeeded": 0, "failed": 0}
+    for view in views:
+        counts[view.state] += 1
+    return WorkerCounts(**counts)
+
+
+def desired_workers(*, max_workers: int, active: int, depth: int | None) -> int:
+    """``min(maxWorkers, active + depth)``: the pods this pool would run if it could."""
+    return min(max_workers, active + (depth or 0))
+
+
+@dataclass(frozen=True)
+class DispatchFailure:
+    """A refused Secret or Pod creation: why, and what Kubernetes said."""
+
+    reason: str
+    message: str
+
+
+def dispatch_failure(kind: str, status: int, api_reason: str, api_message: str, work_id: str) -> DispatchFailure:
+    """Name a refused creation: quota and policy refusals (403), invalid manifests (422), the rest."""
+    if status == 403:
+        reason = f"{kind}CreationForbidden"
+    elif status == 422:
+        reason = f"{kind}Invalid"
+    else:
+        reason = f"{kind}CreationFailed"
+    detail = f"{status} {api_reason}: {api_message}".strip().rstrip(":")
+    return DispatchFailure(
+        reason,
+        f"creating the {kind} for work item {work_id} was refused ({detail}); the item is left unacknowledged "
+        "and will be offered again after the reclaim window",
+    )
+
+
+def pool_conditions(
+    previous: list[ConditionDict] | None,
+    *,
+    blocker: Blocker | None,
+    environment_id: str | None,
+    max_workers: int,
+    active: int,
+    depth: int | None,
+    dispatch_failure: DispatchFailure | None,
+    generation: int | None,
+    now: datetime,
+) -> list[ConditionDict]:
+    """Ready, AtCapacity and DispatchFailing, with transition times kept where nothing changed."""
+    conditions = previous
+    if blocker is not None:
+        conditions = set_condition(conditions, type=CONDITION_READY, status="False", reason=blocker.reason,
+                                   message=blocker.message, observed_generation=generation, now=now)
+    else:
+        conditions = set_condition(conditions, type=CONDITION_READY, status="True", reason="Serving",
+                                   message=f"serving the work queue of environment {environment_id}",
+                                   observed_generation=generation, now=now)
+    backlog = depth or 0
+    if active >= max_workers:
+        conditions = set_condition(
+            conditions, type=CONDITION_AT_CAPACITY, status="True", reason="MaxWorkersReached",
+            message=f"{active} unfinished worker pods (maxWorkers {max_workers}); {backlog} items waiting",
+            observed_generation=generation, now=now)
+    else:
+        conditions = set_condition(
+            conditions, type=CONDITION_AT_CAPACITY, status="False", reason="BelowCapacity",
+            message=f"{active} of {max_workers} workers in use; {backlog} items waiting",
+            observed_generation=generation, now=now)
+    if dispatch_failure is not None:
+        conditions = set_condition(conditions, type=CONDITION_DISPATCH_FAILING, status="True",
+                                   reason=dispatch_failure.reason, message=dispatch_failure.message,
+                                   observed_generation=generation, now=now)
+    else:
+        conditions = set_condition(conditions, type=CONDITION_DISPATCH_FAILING, status="False",
+                                   reason="Dispatching", message="", observed_generation=generation, now=now)
+    return conditions
+
+
+def queue_status_from_stats(stats: Mapping[str, Any]) -> QueueStatus:
+    """The API's queue stats (snake_case) as the status's ``queue`` block."""
+    return QueueStatus(
+        depth=stats.get("depth"),
+        pending=stats.get("pending"),
+        oldestQueuedAt=parse_time(stats.get("oldest_queued_at")),
+        workersPolling=stats.get("workers_polling"),
+    )

@@ -1,0 +1,232 @@
+"""Manifests for per-work-item dispatch: the worker Pod and its per-item Secret.
+
+The worker pod contract (DESIGN.md) lives here in one place: the ``ANTHROPIC_*`` variables the SDK's
+``EnvironmentWorker.handle_item()`` reads, the labels that tie a pod to its pool and work item, and
+the restricted defaults every worker pod gets. Names are derived from a hash of the work ID, so a
+second dispatch of the same item (after an operator crash) meets AlreadyExists instead of creating
+a duplicate.
+
+What goes into a per-item Secret is the work item's own ``secret`` payload (a sessions token scoped
+to that one item), never the environment key: the builders here have no parameter that could carry
+it. Pure: builds plain dicts, no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from environments_operator.domain.common import API_VERSION
+from environments_operator.domain.workerpool import KIND as WORKER_POOL_KIND
+
+JSON = dict[str, Any]
+
+LABEL_WORKER_POOL = "managedagents.dev/worker-pool"
+LABEL_WORK_ID = "managedagents.dev/work-id"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "environments-operator"
+# The exact IDs are also kept in annotations: a label value is capped at 63 characters, so an ID
+# that does not fit is labelled with a hashed stand-in and read back from here.
+ANNOTATION_WORK_ID = "managedagents.dev/work-id"
+ANNOTATION_WORKER_POOL = "managedagents.dev/worker-pool"
+ANNOTATION_SESSION_ID = "managedagents.dev/session-id"
+
+WORK_SECRET_KEY = "work-secret"
+WORKER_CONTAINER_NAME = "worker"
+DEFAULT_WORKER_COMMAND = ("environments-operator", "worker")
+
+ENV_WORK_ID = "ANTHROPIC_WORK_ID"
+ENV_ENVIRONMENT_ID = "ANTHROPIC_ENVIRONMENT_ID"
+ENV_SESSION_ID = "ANTHROPIC_SESSION_ID"
+ENV_WORK_SECRET = "ANTHROPIC_WORK_SECRET"
+ENV_BASE_URL = "ANTHROPIC_BASE_URL"
+CONTRACT_ENV = (ENV_WORK_ID, ENV_ENVIRONMENT_ID, ENV_SESSION_ID, ENV_WORK_SECRET, ENV_BASE_URL)
+
+# 80 bits of SHA-256: collisions among the items of one namespace are not a practical concern,
+# and the name stays short enough to read in `kubectl get pods`.
+_NAME_HASH_CHARS = 20
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_LABEL_VALUE_MAX = 63
+
+
+def _digest(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def worker_pod_name(work_id: str) -> str:
+    """The pod name of a work item: lowercase DNS-1123, a function of the (case-sensitive) work ID only.
+
+    It does not include the pool name, so two pools of one namespace that serve the same
+    environment still meet AlreadyExists for an item that moved from one to the other.
+    """
+    return f"work-{_digest(work_id, _NAME_HASH_CHARS)}"
+
+
+def work_secret_name(work_id: str) -> str:
+    """The name of the per-item Secret holding the work item's ``secret`` payload."""
+    return f"{worker_pod_name(work_id)}-secret"
+
+
+def label_value(text: str) -> str:
+    """``text`` itself when it is a valid label value, else a stable hashed stand-in that is."""
+    if len(text) <= _LABEL_VALUE_MAX and _LABEL_VALUE.match(text):
+        return text
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "-", text)[:40].strip("-_.")
+    return f"{prefix}-{_digest(text, 16)}" if prefix else f"h-{_digest(text, 16)}"
+
+
+def pool_selector(pool_name: str) -> str:
+    """Label selector for everything dispatched for one WorkerPool."""
+    return f"{LABEL_WORKER_POOL}={label_value(pool_name)},{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+
+@dataclass(frozen=True)
+class PoolIdentity:
+    """The WorkerPool a dispatched object belongs to: owner reference and labels."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class WorkAssignment:
+    """One claimed session work item, as a pod needs to know it. ``secret`` is hidden from repr."""
+
+    work_id: str
+    environment_id: str
+    session_id: str
+    secret: str = field(repr=False)
+
+
+def _owner_reference(pool: PoolIdentity) -> JSON:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": WORKER_POOL_KIND,
+        "name": pool.name,
+        "uid": pool.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def contract_labels(pool: PoolIdentity, work_id: str) -> dict[str, str]:
+    return {
+        LABEL_WORKER_POOL: label_value(pool.name),
+        LABEL_WORK_ID: label_value(work_id),
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def _contract_metadata(name: str, pool: PoolIdentity, work: WorkAssignment) -> JSON:
+    return {
+        "name": name,
+        "namespace": pool.namespace,
+        "labels": contract_labels(pool, work.work_id),
+        "annotations": {
+            ANNOTATION_WORK_ID: work.work_id,
+            ANNOTATION_WORKER_POOL: pool.name,
+            ANNOTATION_SESSION_ID: work.session_id,
+        },
+        "ownerReferences": [_owner_reference(pool)],
+    }
+
+
+def build_work_secret(pool: PoolIdentity, work: WorkAssignment) -> JSON:
+    """The per-item Secret: the work item's ``secret`` payload under ``WORK_SECRET_KEY``, immutable."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _contract_metadata(work_secret_name(work.work_id), pool, work),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {WORK_SECRET_KEY: base64.b64encode(work.secret.encode("utf-8")).decode("ascii")},
+    }
+
+
+def _contract_env(work: WorkAssignment, base_url: str | None) -> list[JSON]:
+    env: list[JSON] = [
+        {"name": ENV_WORK_ID, "value": work.work_id},
+        {"name": ENV_ENVIRONMENT_ID, "value": work.environment_id},
+        {"name": ENV_SESSION_ID, "value": work.session_id},
+        {
+            "name": ENV_WORK_SECRET,
+            "valueFrom": {"secretKeyRef": {"name": work_secret_name(work.work_id), "key": WORK_SECRET_KEY}},
+        },
+    ]
+    if base_url:
+        env.append({"name": ENV_BASE_URL, "value": base_url})
+    return env
+
+
+# Pod Security Standards "restricted" defaults; a template that sets any of these keeps its value.
+_POD_SECURITY_DEFAULTS: JSON = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+_CONTAINER_SECURITY_DEFAULTS: JSON = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _with_defaults(given: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> JSON:
+    merged = dict(copy.deepcopy(dict(given or {})))
+    for key, value in defaults.items():
+        merged.setdefault(key, copy.deepcopy(value))
+    return merged
+
+
+def _worker_container_index(containers: list[JSON]) -> int:
+    for index, container in enumerate(containers):
+        if container.get("name") == WORKER_CONTAINER_NAME:
+            return index
+    return 0
+
+
+def build_worker_pod(
+    pool: PoolIdentity,
+    work: WorkAssignment,
+    *,
+    template: Mapping[str, Any],
+    default_image: str,
+    base_url: str | None,
+) -> JSON:
+    """The worker Pod of one work item: the pool's pod template with the contract laid over it.
+
+    The contract wins over the template where they meet: the name, namespace, owner reference,
+    the contract labels and env vars (on the worker container: the one named ``worker``, else the
+    first), and ``restartPolicy: Never`` (a restarted worker would serve an item it no longer holds).
+    Everything else is the template's, with defaults where it is silent: the operator's worker image
+    and ``environments-operator worker`` command, no service account token, and the restricted
+    security context on the pod and on every container.
+    """
+    template_metadata: Mapping[str, Any] = template.get("metadata") or {}
+    spec: JSON = copy.deepcopy(dict(template.get("spec") or {}))
+    metadata = _contract_metadata(worker_pod_name(work.work_id), pool, work)
+    metadata["labels"] = {**dict(template_metadata.get("labels") or {}), **metadata["labels"]}
+    metadata["annotations"] = {**dict(template_metadata.get("annotations") or {}), **metadata["annotations"]}
+
+    containers: list[JSON] = [dict(c) for c in spec.get("containers") or []]
+    if not containers:
+        containers = [{"name": WORKER_CONTAINER_NAME}]
+    worker_index = _worker_container_index(containers)
+    worker = containers[worker_index]
+    worker.setdefault("name", WORKER_CONTAINER_NAME)
+    worker.setdefault("image", default_image)
+    worker.setdefault("command", list(DEFAULT_WORKER_COMMAND))
+    user_env = [e for e in worker.get("env") or [] if e.get("name") not in CONTRACT_ENV]
+    worker["env"] = [*user_env, *_contract_env(work, base_url)]
+    containers[worker_index] = worker
+    spec["containers"] = [
+        {**c, "securityContext": _with_defaults(c.get("securityContext"), _CONTAINER_SECURITY_DEFAULTS)}
+        for c in containers
+    ]
+    if spec.get("initContainers"):
+        spec["initContainers"] = [
+            {**c, "securityContext": _with_defaults(c.get("securityContext"), _CONTAINER_SECURITY_DEFAULTS)}
+            for c in spec["initContainers"]
+        ]
+    spec["restartPolicy"] = "Never"
+    spec.setdefault("automountServiceAccountToken", False)
+    spec["securityContext"] = _with_defaults(spec.get("securityContext"), _POD_SECURITY_DEFAULTS)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}

@@ -1,0 +1,512 @@
+"""kopf wiring of the Environment controller: one ``Environment`` resource, one remote environment.
+
+Handlers, in the order kopf meets them:
+
+- ``environment-claim`` (create/spec update, only while there is no remote ID): records this operator
+  instance in ``status.createRequestedBy`` before any create request is sent. A create request is not
+  idempotent; the claim, stored before it, tells any later instance (after a crash or a failover) that
+  a create may have happened, so that instance first looks for an environment carrying the resource
+  UID (stamped into its metadata at create) and adopts it instead of creating a second one.
+- ``environment-sync`` (create/spec update): creates, adopts (``spec.externalId``) or updates.
+- ``environment-sync-now`` (the ``environments.managedagents.dev/sync-now`` annotation changed): a check now.
+- ``environment-drift`` (timer): re-reads the environment once per interval (settings, or the
+  ``environments.managedagents.dev/drift-interval-seconds`` annotation), jittered, and corrects drift.
+- ``environment-delete`` (finalizer): archives, deletes or orphans by ``spec.deletionPolicy``.
+
+Every decision is a function of ``domain.environment_sync``; this module reads the resource, calls the
+adapters, writes ``status`` through kopf's patch and posts Events. Handlers return nothing: kopf would
+store a returned value in ``status.<handler id>``, which the CRD does not declare.
+
+Per object, one lock serializes the API work of the change handlers and the timer, and an overlay of
+the status fields written last stands in for the resource's status until kopf's patch comes back
+through the watch; without it, a timer check right after a create could act on a status without the ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from environments_operator.adapters.environments_api import (
+    ApiCallError,
+    EnvironmentsApi,
+    EnvironmentsApiPool,
+)
+from environments_operator.adapters.kube import KubeApiError, KubeClient, SecretKeyError
+from environments_operator.domain import environment_sync as sync
+from environments_operator.domain.common import GROUP, VERSION
+from environments_operator.domain.environment import PLURAL, EnvironmentSpec
+from environments_operator.domain.environment_sync import (
+    ApiFailure,
+    ConditionChange,
+    RemoteEnvironment,
+    Trigger,
+)
+
+# kopf runs start-up handlers in registration order; the shared start-up (kopf settings, memo.settings,
+# memo.kube) must be registered, and so run, before this module's.
+from environments_operator.handlers import startup as _shared_startup  # noqa: F401
+from environments_operator.settings import load_settings
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+SYNC_NOW_FIELD = ("metadata", "annotations", sync.SYNC_NOW_ANNOTATION)
+# kopf sleeps this long after each drift check before calling the timer again; the handler itself
+# then waits until the object's next check is due.
+TIMER_REARM_SECONDS = 1.0
+# The longest the timer sleeps before re-reading the interval annotation and the object's state.
+TIMER_MAX_NAP_SECONDS = 30.0
+# A missing Secret is often created moments later (kubectl apply -f dir/): retry soon, then back off.
+SECRET_BACKOFF_BASE_SECONDS = 2.0
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+@dataclass
+class EnvironmentsRuntime:
+    """What all Environment handlers share: API clients, this instance's identity, the settings."""
+
+    pool: EnvironmentsApiPool
+    instance_id: str
+    default_api_key: str | None
+    drift_interval_seconds: float
+
+
+@dataclass
+class ObjectState:
+    """What one operator instance remembers about one Environment between handler calls."""
+
+    schedule: sync.DriftSchedule
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    foreign_claim_seen: bool = False  # our claim replaced another instance's: it may have created one
+    outcome_unknown: bool = False  # our last create request got no definite answer
+    status_overlay: dict[str, Any] = field(default_factory=dict)
+    complaints: set[str] = field(default_factory=set)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _runtime(memo: kopf.Memo) -> EnvironmentsRuntime:
+    runtime: EnvironmentsRuntime = memo["environments"]
+    return runtime
+
+
+def _object_state(memo: kopf.Memo) -> ObjectState:
+    # kopf gives each object a shallow copy of the operator memo, so this key is per object.
+    state: ObjectState | None = memo.get("environment_state")
+    if state is None:
+        state = ObjectState(schedule=sync.DriftSchedule(fraction=random.random(), first_seen=_now()))  # noqa: S311
+        memo["environment_state"] = state
+    return state
+
+
+@kopf.on.startup()
+async def start_environment_controller(memo: kopf.Memo, **_: Any) -> None:
+    operator_settings = memo.get("settings") or load_settings()
+    memo["environments"] = EnvironmentsRuntime(
+        pool=EnvironmentsApiPool(base_url=operator_settings.base_url, concurrency=operator_settings.api_concurrency),
+        instance_id=f"{socket.gethostname()}-{secrets.token_hex(4)}",
+        default_api_key=operator_settings.api_key,
+        drift_interval_seconds=operator_settings.drift_interval_seconds,
+    )
+
+
+@kopf.on.cleanup()
+async def stop_environment_controller(memo: kopf.Memo, **_: Any) -> None:
+    runtime: EnvironmentsRuntime | None = memo.get("environments")
+    if runtime is not None:
+        await runtime.pool.close()
+
+
+class Reconciler:
+    """One handler call's view of one Environment: its body, what to write, and how to reach the API."""
+
+    def __init__(self, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Logger) -> None:
+        self.body = body
+        self.patch = patch
+        self.logger = logger
+        self.runtime = _runtime(memo)
+        self.state = _object_state(memo)
+        self.kube: KubeClient = memo["kube"]
+        meta = body.get("metadata") or {}
+        self.name: str = meta.get("name", "")
+        self.namespace: str = meta.get("namespace", "")
+        self.uid: str = meta.get("uid", "")
+        self.action = "reach the Environments API"
+
+    # The body of a timer is live (kopf updates it in place), so these are read when needed.
+    @property
+    def generation(self) -> int | None:
+        generation: int | None = (self.body.get("metadata") or {}).get("generation")
+        return generation
+
+    @property
+    def raw_spec(self) -> dict[str, Any]:
+        return dict(self.body.get("spec") or {})
+
+    # ----- reading and writing status ---------------------------------------------------------------
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return {**dict(self.body.get("status") or {}), **self.state.status_overlay}
+
+    def write_status(self, fields: dict[str, Any]) -> None:
+        for key, value in fields.items():
+            self.patch.status[key] = value
+        self.state.status_overlay.update(fields)
+
+    def set_conditions(self, changes: list[ConditionChange]) -> None:
+        conditions = sync.apply_conditions(self.status.get("conditions"), changes, generation=self.generation,
+                                           now=_now())
+        self.write_status({"conditions": conditions})
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        kopf.event(self.body, type=type_, reason=reason, message=message)
+
+    # ----- credentials ------------------------------------------------------------------------------
+
+    def key_source(self) -> str:
+        ref = self.raw_spec.get("apiKeySecretRef")
+        if ref:
+            return f"Secret {self.namespace}/{ref.get('name')} key {ref.get('key')!r}"
+        return "the operator's ANTHROPIC_API_KEY"
+
+    async def api(self) -> EnvironmentsApi:
+        """The API client for this resource's key. Raises ``SecretKeyError`` naming what is missing."""
+        ref = self.raw_spec.get("apiKeySecretRef")
+        if ref:
+            try:
+                key = await self.kube.read_secret_key(self.namespace, str(ref.get("name")), str(ref.get("key")))
+            except KubeApiError as exc:
+                raise SecretKeyError(
+                    f"could not read Secret {self.namespace}/{ref.get('name')}: {exc.status} {exc.reason}"
+                ) from None
+        elif self.runtime.default_api_key:
+            key = self.runtime.default_api_key
+        else:
+            raise SecretKeyError(
+                "no API key: the operator has no ANTHROPIC_API_KEY and spec.apiKeySecretRef is not set"
+            )
+        return self.runtime.pool.for_key(key)
+
+    # ----- the sync itself --------------------------------------------------------------------------
+
+    def parse_spec(self) -> EnvironmentSpec:
+        """The spec, or ``kopf.PermanentError`` after reporting why it cannot be used."""
+        try:
+            spec = EnvironmentSpec.model_validate(self.raw_spec)
+            problem = sync.spec_problem(spec)
+        except ValidationError as exc:
+            spec, problem = None, sync.validation_message(exc)
+        if problem is not None or spec is None:
+            message = problem or "invalid spec"
+            self.report_terminal(sync.INVALID_SPEC, message)
+            raise kopf.PermanentError(message)
+        return spec
+
+    def report_terminal(self, reason: str, message: str) -> None:
+        changes = sync.failed_conditions(reason, message, ready=False)
+        if sync.is_new_reason(self.status.get("conditions"), changes[0]):
+            self.event("Warning", reason, message)
+        self.set_conditions(changes)
+        self.write_status({"observedGeneration": self.generation})
+
+    async def reconcile(self, spec: EnvironmentSpec, api: EnvironmentsApi, trigger: Trigger) -> None:
+        status = self.status
+        remote: RemoteEnvironment | None = None
+        previous_id: str | None = status.get("id")
+        adopting = recreating = False
+        if previous_id:
+            self.action = f"read environment {previous_id}"
+            try:
+                remote = await api.retrieve(previous_id)
+            except ApiCallError as exc:
+                if exc.failure.status != 404:
+                    raise
+                recreating = True
+        elif spec.externalId:
+            self.action = f"read environment {spec.externalId}"
+            try:
+                remote = await api.retrieve(spec.externalId)
+            except ApiCallError as exc:
+                if exc.failure.status != 404:
+                    raise
+                raise ApiCallError(ApiFailure(404, f"spec.externalId: environment {spec.externalId} does not "
+                                                   f"exist ({exc.failure.message})")) from None
+            adopting = True
+
+        created = recovered = False
+        if remote is None:
+            remote, recovered = await self.create(spec, api, status, recreating=recreating)
+            created = not recovered
+
+        problem = sync.adoption_problem(spec, remote)
+        if problem is not None:
+            reason, message = problem
+            self.report_terminal(reason, message)
+            raise kopf.PermanentError(message)
+
+        owned = [] if adopting else list(status.get("ownedMetadataKeys") or [])
+        if remote.archived:
+            self.report_archived(remote, owned)
+            return
+
+        plan = sync.plan_update(spec, remote, resource_name=self.name, owned_metadata_keys=owned)
+        if not plan.in_sync:
+            self.action = f"update environment {remote.id}"
+            remote = await api.update(remote.id, plan.params)
+        now = _now()
+        self.write_status(sync.status_for(remote, generation=self.generation, now=now,
+                                          owned_metadata_keys=plan.owned_metadata_keys))
+        self.state.schedule.checked(now=now, fraction=random.random())  # noqa: S311
+        self.report_success(remote, plan, trigger, previous_id=previous_id, adopting=adopting, created=created,
+                            recovered=recovered, recreating=recreating)
+
+    async def create(self, spec: EnvironmentSpec, api: EnvironmentsApi, status: dict[str, Any], *,
+                     recreating: bool) -> tuple[RemoteEnvironment, bool]:
+        """A new environment, or the one an interrupted earlier attempt created (then ``True``)."""
+        if sync.must_look_up_before_create(
+            claimed_by=status.get("createRequestedBy"), instance_id=self.runtime.instance_id,
+            foreign_claim_seen=self.state.foreign_claim_seen, outcome_unknown=self.state.outcome_unknown,
+            recreating=recreating,
+        ):
+            self.action = "look up environments"
+            window = sync.lookup_window_start(
+                sync.parse_time((self.body.get("metadata") or {}).get("creationTimestamp")),
+                sync.parse_time(status.get("createdAt")),
+            )
+            found = await api.find_by_uid(self.uid, window_start=window)
+            self.state.foreign_claim_seen = False
+            if found is not None and found.id != status.get("id"):
+                self.state.outcome_unknown = False
+                return found, True
+        self.action = "create environment"
+        try:
+            remote = await api.create(sync.create_params(spec, resource_name=self.name, uid=self.uid))
+        except ApiCallError as exc:
+            self.state.outcome_unknown = self.state.outcome_unknown or exc.failure.outcome_unknown
+            raise
+        self.state.outcome_unknown = False
+        return remote, False
+
+    def report_archived(self, remote: RemoteEnvironment, owned: list[str]) -> None:
+        message = (f"environment {remote.id} was archived at {remote.archived_at}; archived environments are "
+                   "read-only, so the operator no longer syncs it")
+        changes = [ConditionChange(sync.READY, "False", sync.ARCHIVED, message),
+                   ConditionChange(sync.SYNCED, "False", sync.ARCHIVED, message)]
+        if sync.is_new_reason(self.status.get("conditions"), changes[0]):
+            self.event("Warning", sync.ARCHIVED, message)
+            self.logger.warning(message)
+        self.write_status(sync.status_for(remote, generation=self.generation, now=_now(), owned_metadata_keys=owned))
+        self.set_conditions(changes)
+
+    def report_success(self, remote: RemoteEnvironment, plan: sync.UpdatePlan, trigger: Trigger, *,
+                       previous_id: str | None, adopting: bool, created: bool, recovered: bool,
+                       recreating: bool) -> None:
+        changed = ", ".join(plan.fields)
+        drift: list[ConditionChange] = []
+        if recreating:
+            reason, message = sync.RECREATED, f"environment {previous_id} was deleted outside the operator; " \
+                                              f"created {remote.id}"
+            self.event("Warning", sync.RECREATED, message)
+            drift = sync.drift_conditions((), recreated=True)
+        elif created:
+            reason, message = sync.CREATED, f"created environment {remote.id}"
+            self.event("Normal", sync.CREATED, message)
+        elif recovered:
+            reason, message = sync.CREATED, f"found environment {remote.id}, created by an interrupted attempt"
+            self.event("Normal", sync.ADOPTED, message)
+        elif adopting:
+            reason, message = sync.ADOPTED, f"adopted environment {remote.id}" + (
+                f"; updated {changed}" if changed else "")
+            self.event("Normal", sync.ADOPTED, message)
+        elif trigger == "check":
+            drift = sync.drift_conditions(plan.fields)
+            self.write_status({"driftedFields": list(plan.fields)})
+            if plan.fields:
+                reason, message = sync.DRIFT_CORRECTED, f"corrected drift in {changed}"
+                self.event("Warning", sync.DRIFT_DETECTED, f"fields differed from the spec: {changed}; corrected")
+            else:
+                reason, message = sync.IN_SYNC, f"environment {remote.id} matches the spec"
+        elif plan.fields:
+            reason, message = sync.UPDATED, f"updated {changed}"
+            self.event("Normal", sync.UPDATED, f"updated environment {remote.id}: {changed}")
+        else:
+            reason, message = sync.IN_SYNC, f"environment {remote.id} matches the spec"
+        if reason != sync.IN_SYNC:
+            self.logger.info("%s", message)
+        self.set_conditions([*sync.synced_conditions(reason, message), *drift])
+
+    # ----- failures ---------------------------------------------------------------------------------
+
+    def report_failure(self, failure: ApiFailure, *, retry: int) -> sync.FailureDecision:
+        decision = sync.decide_failure(failure, retry=retry, action=self.action)
+        message = decision.message
+        if decision.reason == sync.UNAUTHORIZED:
+            message = f"{message} (key from {self.key_source()})"
+            decision = sync.FailureDecision(decision.terminal, decision.reason, message, decision.delay)
+        if decision.terminal:
+            self.report_terminal(decision.reason, message)
+        else:
+            changes = sync.failed_conditions(decision.reason, message, ready=bool(self.status.get("id")))
+            if sync.is_new_reason(self.status.get("conditions"), changes[-1]):
+                self.event("Warning", decision.reason, message)
+            self.set_conditions(changes)
+        return decision
+
+    def report_credentials(self, error: SecretKeyError, *, retry: int) -> float:
+        delay = sync.backoff_delay(retry, base=SECRET_BACKOFF_BASE_SECONDS)
+        message = f"{error}; retrying in {delay:g}s"
+        changes = sync.failed_conditions(sync.CREDENTIALS_UNAVAILABLE, message, ready=bool(self.status.get("id")))
+        if sync.is_new_reason(self.status.get("conditions"), changes[-1]):
+            self.event("Warning", sync.CREDENTIALS_UNAVAILABLE, str(error))
+        self.set_conditions(changes)
+        return delay
+
+    async def run(self, trigger: Trigger, *, retry: int) -> None:
+        """Sync in a change handler: failures become conditions, then kopf's retry or a terminal error."""
+        spec = self.parse_spec()
+        try:
+            api = await self.api()
+        except SecretKeyError as exc:
+            delay = self.report_credentials(exc, retry=retry)
+            raise kopf.TemporaryError(str(exc), delay=delay) from None
+        async with self.state.lock:
+            try:
+                await self.reconcile(spec, api, trigger)
+            except ApiCallError as exc:
+                decision = self.report_failure(exc.failure, retry=retry)
+                if decision.terminal:
+                    raise kopf.PermanentError(decision.message) from None
+                raise kopf.TemporaryError(decision.message, delay=decision.delay) from None
+
+    async def check(self) -> None:
+        """One periodic drift check: failures become conditions and an earlier next check, never errors."""
+        schedule = self.state.schedule
+        async with self.state.lock:
+            if sync.drift_check_blocker({**dict(self.body), "status": self.status}) is not None:
+                return
+            try:
+                spec = EnvironmentSpec.model_validate(self.raw_spec)
+                api = await self.api()
+                await self.reconcile(spec, api, "check")
+            except ValidationError:
+                schedule.checked(now=_now(), fraction=random.random())  # noqa: S311  (the spec handler reports it)
+            except kopf.PermanentError:
+                schedule.checked(now=_now(), fraction=random.random())  # noqa: S311  (already reported)
+            except SecretKeyError as exc:
+                schedule.failed(now=_now(), retry_in=self.report_credentials(exc, retry=schedule.failures))
+            except ApiCallError as exc:
+                decision = self.report_failure(exc.failure, retry=schedule.failures)
+                schedule.failed(now=_now(), retry_in=decision.delay or sync.backoff_delay(schedule.failures))
+
+
+def _claim_needed(status: kopf.Status, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> bool:
+    runtime: EnvironmentsRuntime | None = memo.get("environments")
+    return runtime is not None and sync.needs_create_claim(status, spec, runtime.instance_id)
+
+
+@kopf.on.create(*RESOURCE, id="environment-claim", when=_claim_needed)
+@kopf.on.update(*RESOURCE, id="environment-claim-update", field="spec", when=_claim_needed)
+async def claim_create(status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    runtime, state = _runtime(memo), _object_state(memo)
+    previous = status.get("createRequestedBy")
+    if previous and previous != runtime.instance_id:
+        state.foreign_claim_seen = True
+    patch.status["createRequestedBy"] = runtime.instance_id
+    state.status_overlay["createRequestedBy"] = runtime.instance_id
+
+
+@kopf.on.create(*RESOURCE, id="environment-sync")
+@kopf.on.update(*RESOURCE, id="environment-sync-update", field="spec")
+async def sync_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, logger: Logger,
+                           **_: Any) -> None:
+    await Reconciler(body, patch, memo, logger).run("spec", retry=retry)
+
+
+@kopf.on.field(*RESOURCE, id="environment-sync-now", field=SYNC_NOW_FIELD)
+async def sync_now(new: Any, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, logger: Logger,
+                   **_: Any) -> None:
+    if new is None:
+        return
+    reconciler = Reconciler(body, patch, memo, logger)
+    if reconciler.status.get("id"):
+        await reconciler.run("check", retry=retry)
+    reconciler.write_status({"lastHandledSyncNow": str(new)})
+
+
+@kopf.timer(*RESOURCE, id="environment-drift", interval=TIMER_REARM_SECONDS)
+async def drift_check(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Logger, **kwargs: Any) -> None:
+    stopped: kopf.DaemonStopped = kwargs["stopped"]  # passed to timers too, though TimerFn does not declare it
+    reconciler = Reconciler(body, patch, memo, logger)
+    state, runtime = reconciler.state, reconciler.runtime
+    while not stopped:
+        annotations = (body.get("metadata") or {}).get("annotations") or {}
+        interval, complaint = sync.drift_interval(annotations, runtime.drift_interval_seconds)
+        if complaint and complaint not in state.complaints:
+            state.complaints.add(complaint)
+            logger.warning("%s", complaint)
+            reconciler.event("Warning", "InvalidAnnotation", complaint)
+        nap = min(max(interval, TIMER_REARM_SECONDS), TIMER_MAX_NAP_SECONDS)
+        status = reconciler.status
+        if sync.drift_check_blocker({**dict(body), "status": status}) is None:
+            due_in = state.schedule.seconds_until_due(
+                now=_now(), last_sync=sync.parse_time(status.get("lastSyncTime")), interval=interval
+            )
+            if due_in <= 0:
+                break
+            nap = min(nap, due_in)
+        await stopped.wait(nap)
+    if not stopped:
+        await reconciler.check()
+
+
+@kopf.on.delete(*RESOURCE, id="environment-delete")
+async def delete_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, logger: Logger,
+                             **_: Any) -> None:
+    reconciler = Reconciler(body, patch, memo, logger)
+    status = reconciler.status
+    action = sync.deletion_action(reconciler.raw_spec, status)
+    environment_id = status.get("id")
+    if action == "release":
+        return
+    if action == "orphan":
+        reconciler.event("Normal", "Orphaned", f"left environment {environment_id} in place (deletionPolicy Orphan)")
+        return
+    async with reconciler.state.lock:
+        try:
+            api = await reconciler.api()
+            if action == "archive":
+                await api.archive(str(environment_id))
+            else:
+                await api.delete(str(environment_id))
+        except SecretKeyError as exc:
+            blocked, delay = str(exc), sync.backoff_delay(retry, base=SECRET_BACKOFF_BASE_SECONDS)
+        except ApiCallError as exc:
+            if exc.failure.status != 404:  # already gone is what we wanted
+                decision = sync.decide_failure(exc.failure, retry=retry, action=f"{action} environment")
+                blocked, delay = exc.failure.describe(), decision.delay or sync.backoff_delay(retry)
+            else:
+                blocked, delay = "", 0.0
+        else:
+            blocked, delay = "", 0.0
+        if blocked:
+            message = f"cannot {action} environment {environment_id}: {blocked}; retrying in {delay:g}s"
+            change = ConditionChange(sync.READY, "False", sync.DELETION_BLOCKED, message)
+            if sync.is_new_reason(status.get("conditions"), change):
+                reconciler.event("Warning", sync.DELETION_BLOCKED, message)
+            reconciler.set_conditions([change])
+            raise kopf.TemporaryError(message, delay=delay)
+    done = "archived" if action == "archive" else "deleted"
+    reconciler.event("Normal", done.capitalize(), f"{done} environment {environment_id}")
+    logger.info("%s environment %s", done, environment_id)
