@@ -225,8 +225,6 @@ async def environment_world(kube: Kube, monkeypatch: pytest.MonkeyPatch, caplog:
 # WorkerPool and Environment is storable as is, and the environment key appears in no object stored in
 # the fake apiserver (pods, Secrets, Events, WorkerPools, ...) and in no log line.
 
-import gc  # noqa: E402
-
 from tests.harness.emulator import SelfHostedEnvironment, enqueue_sessions, self_hosted_environment  # noqa: E402
 from tests.harness.kube import DEFAULT_RESOURCES, PODS, WORKERPOOLS  # noqa: E402
 from tests.harness.kubelet import Kubelet  # noqa: E402
@@ -425,10 +423,5 @@ async def workerpool_world(kube: Kube, kubelet: Kubelet, monkeypatch: pytest.Mon
             world = WorkerPoolWorld(kube, kubelet, emulator, operator, environment, responses)
             yield world
             leaked = world.leaked()
-            if operator.starts > 1:
-                # A killed operator's loop keeps its tasks pending forever. Collecting them at interpreter
-                # exit, after the loop objects were torn down, segfaults CPython 3.11; freezing keeps the
-                # garbage collector away from them. (Belongs in the harness's kill(); here until it is.)
-                gc.freeze()
         assert not leaked, f"the environment key appeared in: {leaked[:5]}"
         kube.assert_all_storable(WORKERPOOLS_CRD, ENVIRONMENTS_CRD)
