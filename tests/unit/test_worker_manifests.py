@@ -127,11 +127,26 @@ class TestWorkerPod:
         spec = pod()["spec"]
         (container,) = spec["containers"]
         assert container["image"] == IMAGE
-        assert container["command"] == ["environments-operator", "worker"]
+        # args, not command: the default image's tini entrypoint must stay PID 1
+        assert container["args"] == ["environments-operator", "worker"] and "command" not in container
         assert spec["restartPolicy"] == "Never"
         assert spec["automountServiceAccountToken"] is False
         assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
         assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+    @pytest.mark.parametrize(
+        ("container", "expected"),
+        [
+            ({"image": "own/image:1"}, {"command": ["environments-operator", "worker"]}),
+            ({"args": ["--max-idle", "30"]},
+             {"command": ["environments-operator", "worker"], "args": ["--max-idle", "30"]}),
+            ({"command": ["/bin/run"]}, {"command": ["/bin/run"]}),
+        ],
+    )
+    def test_worker_command_defaults(self, container: dict[str, Any], expected: dict[str, Any]) -> None:
+        template = {"spec": {"containers": [{"name": "worker", **container}]}}
+        (built,) = pod(template)["spec"]["containers"]
+        assert {k: built[k] for k in ("command", "args") if k in built} == expected
 
     def test_template_choices_are_kept_where_the_contract_allows(self) -> None:
         manifest = pod(TEMPLATES["own security context and service account"])

@@ -197,7 +197,8 @@ def build_worker_pod(
     the contract labels and env vars (on the worker container: the one named ``worker``, else the
     first), and ``restartPolicy: Never`` (a restarted worker would serve an item it no longer holds).
     Everything else is the template's, with defaults where it is silent: the operator's worker image
-    and ``environments-operator worker`` command, no service account token, and the restricted
+    and ``environments-operator worker`` (as ``args`` under the default image's tini entrypoint, else
+    as the ``command``), no service account token, and the restricted
     security context on the pod and on every container.
     """
     template_metadata: Mapping[str, Any] = template.get("metadata") or {}
@@ -212,8 +213,14 @@ def build_worker_pod(
     worker_index = _worker_container_index(containers)
     worker = containers[worker_index]
     worker.setdefault("name", WORKER_CONTAINER_NAME)
+    if "command" not in worker:
+        if "image" not in worker and "args" not in worker:
+            # The operator's image starts everything under tini (signal forwarding, reaping the orphans
+            # of the agent's bash tool); a `command` would bypass that entrypoint, `args` keeps it.
+            worker["args"] = list(DEFAULT_WORKER_COMMAND)
+        else:
+            worker["command"] = list(DEFAULT_WORKER_COMMAND)
     worker.setdefault("image", default_image)
-    worker.setdefault("command", list(DEFAULT_WORKER_COMMAND))
     user_env = [e for e in worker.get("env") or [] if e.get("name") not in CONTRACT_ENV]
     worker["env"] = [*user_env, *_contract_env(work, base_url)]
     containers[worker_index] = worker
