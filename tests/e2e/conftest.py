@@ -39,31 +39,40 @@ NAMESPACE = "ns"
 SECRET_API_KEY = "sk-ant-api03-secret-ref-test-key"
 
 
-@dataclass(frozen=True)
+@dataclass
 class ApiRequest:
     method: str
     path: str
     body: Any
     credential: str = field(repr=False)  # the key it was sent with: compared in tests, never printed
     at: float = 0.0  # loop time of arrival
+    status: int | None = None  # the emulator's answer, once sent
 
 
 def record_requests(emulator: EmulatorServer) -> list[ApiRequest]:
-    """Record every ``/v1/`` request the emulator receives (call before it starts serving)."""
+    """Record every ``/v1/`` request the emulator receives, and its status (call before it starts serving)."""
     requests: list[ApiRequest] = []
 
     @web.middleware
     async def recorder(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                        ) -> web.StreamResponse:
-        if request.path.startswith("/v1/"):
-            raw = await request.content.read()
-            with warnings.catch_warnings():  # deprecated, but the one public way to put a body back
-                warnings.simplefilter("ignore", DeprecationWarning)
-                request.content.unread_data(raw)
-            credential = request.headers.get("x-api-key") or request.headers.get("authorization", "")
-            requests.append(ApiRequest(request.method, request.path, json.loads(raw) if raw else None,
-                                       credential.removeprefix("Bearer "), asyncio.get_running_loop().time()))
-        return await handler(request)
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        raw = await request.content.read()
+        with warnings.catch_warnings():  # deprecated, but the one public way to put a body back
+            warnings.simplefilter("ignore", DeprecationWarning)
+            request.content.unread_data(raw)
+        credential = request.headers.get("x-api-key") or request.headers.get("authorization", "")
+        record = ApiRequest(request.method, request.path, json.loads(raw) if raw else None,
+                            credential.removeprefix("Bearer "), asyncio.get_running_loop().time())
+        requests.append(record)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            record.status = exc.status
+            raise
+        record.status = response.status
+        return response
 
     emulator.app.middlewares.insert(0, recorder)
     return requests
@@ -234,34 +243,6 @@ WORKER_IMAGE = "registry.example/worker:e2e"
 ENVIRONMENT_KEY_SECRET = "env-key"
 
 
-@dataclass(frozen=True)
-class ApiResponse:
-    method: str
-    path: str
-    status: int
-
-
-def record_responses(emulator: EmulatorServer) -> list[ApiResponse]:
-    """Record every ``/v1/`` request with the status it was answered with (call before serving)."""
-    responses: list[ApiResponse] = []
-
-    @web.middleware
-    async def recorder(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                       ) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            if request.path.startswith("/v1/"):
-                responses.append(ApiResponse(request.method, request.path, exc.status))
-            raise
-        if request.path.startswith("/v1/"):
-            responses.append(ApiResponse(request.method, request.path, response.status))
-        return response
-
-    emulator.app.middlewares.insert(0, recorder)
-    return responses
-
-
 @dataclass
 class WorkerPoolWorld:
     """The fake apiserver, kubelet, emulator and operator of one WorkerPool test, and shortcuts over them."""
@@ -271,7 +252,7 @@ class WorkerPoolWorld:
     emulator: EmulatorServer
     operator: OperatorRunner
     environment: SelfHostedEnvironment
-    responses: list[ApiResponse]
+    responses: list[ApiRequest]
     namespace: str = NAMESPACE
     # Secrets where a test put the environment key on purpose (the only places it may be).
     key_secrets: set[str] = field(default_factory=lambda: {ENVIRONMENT_KEY_SECRET})
@@ -315,7 +296,7 @@ class WorkerPoolWorld:
     def work_state(self, work_id: str) -> str:
         return str(self.emulator.state.work[work_id].state)
 
-    def acks(self, work_id: str | None = None) -> list[ApiResponse]:
+    def acks(self, work_id: str | None = None) -> list[ApiRequest]:
         """Successful acks (of one item, or all)."""
         return [r for r in self.responses if r.method == "POST" and r.status == 200 and r.path.endswith("/ack")
                 and (work_id is None or f"/{work_id}/" in r.path)]
@@ -400,7 +381,7 @@ async def workerpool_world(kube: Kube, kubelet: Kubelet, monkeypatch: pytest.Mon
     kube.install_crd(ENVIRONMENTS_CRD)
     kube.install_crd(WORKERPOOLS_CRD)
     emulator = EmulatorServer(api_keys=[API_KEY])
-    responses = record_responses(emulator)
+    responses = record_requests(emulator)
     async with emulator:
         environment = self_hosted_environment(emulator, "workers")
         kube.ensure_namespace(NAMESPACE)
