@@ -9,10 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from environments_operator.domain import environment_sync as sync
+from environments_operator.domain.api_failure import ApiFailure, parse_retry_after
 from environments_operator.domain.environment import EnvironmentSpec
 from environments_operator.domain.environment_sync import (
     UID_METADATA_KEY,
-    ApiFailure,
     RemoteEnvironment,
 )
 
@@ -275,7 +275,7 @@ def test_outcome_unknown_only_without_a_definite_answer(status: int | None, unkn
     ({"retry-after": "Fri, 01 May 2026 12:00:30 GMT"}, 30.0),
 ])
 def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
-    assert sync.parse_retry_after(headers, now=NOW) == expected
+    assert parse_retry_after(headers, now=NOW) == expected
 
 
 def test_retry_after_is_capped() -> None:

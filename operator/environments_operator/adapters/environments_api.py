@@ -21,19 +21,14 @@ import asyncio
 import hashlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
-import anthropic
 from anthropic import AsyncAnthropic
 
-from environments_operator.domain.environment_sync import (
-    ApiFailure,
-    RemoteEnvironment,
-    find_own,
-    page_ends_lookup,
-    parse_retry_after,
-)
+from environments_operator.adapters.api_errors import failure_of
+from environments_operator.domain.api_failure import ApiFailure
+from environments_operator.domain.environment_sync import RemoteEnvironment, find_own, page_ends_lookup
 
 T = TypeVar("T")
 
@@ -53,19 +48,6 @@ class ApiCallError(Exception):
         self.failure = failure
 
 
-def failure_of(exc: anthropic.APIError) -> ApiFailure:
-    """The domain's view of an SDK exception: status, the API's message verbatim, retry-after."""
-    if isinstance(exc, anthropic.APIStatusError):
-        message = exc.api_message if isinstance(exc.api_message, str) else exc.message
-        retry_after = parse_retry_after(dict(exc.response.headers), now=datetime.now(UTC))
-        return ApiFailure(status=exc.status_code, message=message, retry_after=retry_after)
-    if isinstance(exc, anthropic.APITimeoutError):
-        return ApiFailure(status=None, message="the request timed out")
-    if isinstance(exc, anthropic.APIConnectionError):
-        return ApiFailure(status=None, message="could not connect to the Environments API")
-    return ApiFailure(status=None, message=type(exc).__name__)
-
-
 def _remote(environment: Any) -> RemoteEnvironment:
     return RemoteEnvironment.from_api(environment.model_dump(mode="json"))
 
@@ -81,8 +63,11 @@ class EnvironmentsApi:
         async with self._limit:
             try:
                 return await call()
-            except anthropic.APIError as exc:
-                raise ApiCallError(failure_of(exc)) from None
+            except Exception as exc:
+                failure = failure_of(exc)
+                if failure is None:
+                    raise
+                raise ApiCallError(failure) from None
 
     async def create(self, params: dict[str, Any]) -> RemoteEnvironment:
         return _remote(await self._call(lambda: self._environments.create(**params)))

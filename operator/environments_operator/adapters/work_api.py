@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from environments_operator import metrics
+from environments_operator.adapters.api_errors import failure_of
 from environments_operator.domain.dispatch import backoff_seconds, queue_status_from_stats
 from environments_operator.domain.workerpool import QueueStatus
 
@@ -67,41 +68,14 @@ class ClaimedWork:
     secret: str | None = field(repr=False)
 
 
-def _retry_after(headers: Any) -> float | None:
-    if headers is None:
-        return None
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw:
-            try:
-                return max(0.0, float(raw) / scale)
-            except ValueError:
-                continue
-    return None
-
-
 def classify(route: str, exc: Exception) -> WorkApiError:
-    """Turn an SDK or transport exception into a ``WorkApiError`` (and count it)."""
-    from anthropic import APIConnectionError, APIStatusError
-
-    if isinstance(exc, APIStatusError):
-        status = exc.status_code
-        body = exc.body if isinstance(exc.body, dict) else {}
-        error = body.get("error")
-        message = str((error.get("message") if isinstance(error, dict) else None) or exc.message)[:300]
-        retryable = status >= 500 or status in (408, 429)
-        result = WorkApiError(route, status, message, retryable=retryable,
-                              retry_after=_retry_after(exc.response.headers))
-    elif isinstance(exc, APIConnectionError):
-        result = WorkApiError(route, 0, type(exc).__name__, retryable=True)
-    else:
-        import httpx2
-
-        if not isinstance(exc, httpx2.HTTPError):
-            raise exc
-        result = WorkApiError(route, 0, type(exc).__name__, retryable=True)
-    metrics.API_ERRORS.labels(route=route, status=str(result.status)).inc()
-    return result
+    """Turn an SDK or transport exception into a ``WorkApiError`` (and count it); re-raise anything else."""
+    failure = failure_of(exc)
+    if failure is None:
+        raise exc
+    status = failure.status or 0
+    metrics.API_ERRORS.labels(route=route, status=str(status)).inc()
+    return WorkApiError(route, status, failure.message, retryable=failure.retryable, retry_after=failure.retry_after)
 
 
 class WorkQueue:

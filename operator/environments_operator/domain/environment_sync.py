@@ -29,7 +29,6 @@ Pure: no I/O, no clocks, no randomness (callers pass ``now`` and jitter fraction
 
 from __future__ import annotations
 
-import email.utils
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from environments_operator.domain.api_failure import ApiFailure
 from environments_operator.domain.common import GROUP, ConditionStatus
 from environments_operator.domain.conditions import ConditionDict, get_condition, rfc3339, set_condition
 from environments_operator.domain.environment import EnvironmentConfig, EnvironmentSpec, Networking
@@ -448,24 +448,6 @@ def find_own(page: Iterable[RemoteEnvironment], uid: str) -> RemoteEnvironment |
 
 
 @dataclass(frozen=True)
-class ApiFailure:
-    """A failed API call: HTTP status (None: no response), the API's own message, its retry-after."""
-
-    status: int | None
-    message: str
-    retry_after: float | None = None
-
-    @property
-    def outcome_unknown(self) -> bool:
-        """Whether the request may have taken effect although it failed (no answer, or a 5xx)."""
-        return self.status is None or self.status >= 500
-
-    def describe(self) -> str:
-        code = f"HTTP {self.status}" if self.status is not None else "no response"
-        return f"{code}: {self.message}"
-
-
-@dataclass(frozen=True)
 class FailureDecision:
     terminal: bool  # True: give up on this generation; False: retry after ``delay``
     reason: str
@@ -491,34 +473,6 @@ def retry_delay(retry: int, retry_after: float | None, *, base: float = BACKOFF_
     if retry_after is not None and retry_after >= 0:
         return min(retry_after, RETRY_AFTER_CAP_SECONDS)
     return backoff_delay(retry, base=base)
-
-
-def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
-    lowered = {key.lower(): value for key, value in headers.items()}
-    raw_ms = lowered.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            value = float(raw_ms) / 1000
-            if math.isfinite(value) and value >= 0:
-                return value
-        except ValueError:
-            pass
-    raw = lowered.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-        return value if math.isfinite(value) and value >= 0 else None
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if now is None or moment.tzinfo is None:
-        return None
-    return max(0.0, (moment - now).total_seconds())
 
 
 def decide_failure(failure: ApiFailure, *, retry: int, action: str) -> FailureDecision:

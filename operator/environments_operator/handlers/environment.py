@@ -43,10 +43,10 @@ from environments_operator.adapters.environments_api import (
 )
 from environments_operator.adapters.kube import KubeApiError, KubeClient, SecretKeyError
 from environments_operator.domain import environment_sync as sync
+from environments_operator.domain.api_failure import ApiFailure
 from environments_operator.domain.common import GROUP, VERSION
 from environments_operator.domain.environment import PLURAL, EnvironmentSpec
 from environments_operator.domain.environment_sync import (
-    ApiFailure,
     ConditionChange,
     RemoteEnvironment,
     Trigger,
