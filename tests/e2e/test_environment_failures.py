@@ -53,6 +53,22 @@ async def test_a_create_whose_answer_is_lost_is_not_sent_twice(environment_world
     assert world.calls("GET")  # the lookup
 
 
+async def test_deleting_during_an_unknown_create_outcome_applies_the_policy_to_what_it_created(
+        environment_world: EnvironmentWorld) -> None:
+    world = environment_world
+    # The environment is created, the operator sees a 503 and waits a minute before looking for it.
+    await world.fault({"route": "environments.create", "effect": "error", "status": 503, "when": "after",
+                       "retry_after_ms": 60_000, "times": 1})
+    uid = world.create("data", CLOUD)["metadata"]["uid"]
+    await world.wait_condition("data", "Ready", "False", "ApiUnavailable")
+
+    world.delete("data")
+    await world.wait_gone("data")
+    (remote,) = [e for e in world.emulator.state.environments.values() if e.metadata.get(UID_KEY) == uid]
+    assert remote.archived_at is not None  # deletionPolicy Archive, the default: not left behind
+    assert len(world.calls("POST")) == 1
+
+
 async def test_a_400_is_terminal_for_its_generation_and_a_new_generation_retries(
         environment_world: EnvironmentWorld) -> None:
     world = environment_world

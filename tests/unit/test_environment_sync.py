@@ -390,6 +390,10 @@ def test_drift_conditions(fields: tuple[str, ...], recreated: bool, status: str,
 @pytest.mark.parametrize(("spec_fields", "status", "action"), [
     ({}, {}, "release"),
     ({"deletionPolicy": "Delete"}, {}, "release"),
+    # A claimed create without an ID: the environment may exist, carrying the resource UID.
+    ({}, {"createRequestedBy": "op-1"}, "archive"),
+    ({"deletionPolicy": "Delete"}, {"createRequestedBy": "op-1"}, "delete"),
+    ({"deletionPolicy": "Orphan"}, {"createRequestedBy": "op-1"}, "release"),
     ({}, {"id": "env_1"}, "archive"),
     ({"deletionPolicy": "Archive"}, {"id": "env_1"}, "archive"),
     ({"deletionPolicy": "Delete"}, {"id": "env_1"}, "delete"),
@@ -397,3 +401,27 @@ def test_drift_conditions(fields: tuple[str, ...], recreated: bool, status: str,
 ])
 def test_deletion_action(spec_fields: dict[str, Any], status: dict[str, Any], action: str) -> None:
     assert sync.deletion_action(spec_fields, status) == action
+
+
+@pytest.mark.parametrize(("case", "fields", "trigger", "reason", "event", "drift", "drifted"), [
+    ("recreating", (), "check", sync.RECREATED, ("Warning", sync.RECREATED), sync.RECREATED, None),
+    ("created", (), "spec", sync.CREATED, ("Normal", sync.CREATED), None, None),
+    ("recovered", (), "spec", sync.CREATED, ("Normal", sync.ADOPTED), None, None),
+    ("adopting", ("name",), "spec", sync.ADOPTED, ("Normal", sync.ADOPTED), None, None),
+    ("", ("name",), "check", sync.DRIFT_CORRECTED, ("Warning", sync.DRIFT_DETECTED), sync.DRIFT_CORRECTED,
+     ("name",)),
+    ("", (), "check", sync.IN_SYNC, None, sync.NO_DRIFT, ()),
+    ("", ("name",), "spec", sync.UPDATED, ("Normal", sync.UPDATED), None, None),
+    ("", (), "spec", sync.IN_SYNC, None, None, None),
+])
+def test_success_report(case: str, fields: tuple[str, ...], trigger: sync.Trigger, reason: str,
+                        event: tuple[str, str] | None, drift: str | None, drifted: tuple[str, ...] | None) -> None:
+    flags = {flag: flag == case for flag in ("adopting", "created", "recovered", "recreating")}
+    report = sync.success_report("env_2", fields, trigger, previous_id="env_1", **flags)
+    assert report.reason == reason
+    assert (report.event[:2] if report.event else None) == event
+    assert [change.reason for change in report.drift] == ([drift] if drift else [])
+    assert report.drifted_fields == drifted
+    assert all(field in report.message for field in fields)
+    if case == "recreating":
+        assert "env_1" in report.message and "env_2" in report.message

@@ -10,8 +10,9 @@ lives here as pure functions, so that each rule can be read and tested in a tabl
 - the lookup that finds an environment created by an interrupted attempt (its metadata carries the
   resource UID under ``UID_METADATA_KEY``);
 - the drift-check schedule (interval from settings or annotation, jittered);
-- how each API failure is handled (terminal for the generation, or retried after a delay that honours
-  ``retry-after``), and the conditions and their reasons.
+- how each API failure (``domain.api_failure.ApiFailure``) is handled: terminal for the generation, or
+  retried after a delay that honours the server's ``retry-after``;
+- how a successful sync is reported (conditions, their reasons, Events) and what deletion does remotely.
 
 What the API allows to clear, per field (it preserves every field an update omits):
 
@@ -400,6 +401,53 @@ def drift_conditions(fields: Sequence[str], *, recreated: bool = False) -> list[
     return [ConditionChange(DRIFT_DETECTED, "False", NO_DRIFT, "the environment matches the spec")]
 
 
+@dataclass(frozen=True)
+class SuccessReport:
+    """How a successful sync is reported: the Ready/Synced reason and message, the Event, drift."""
+
+    reason: str
+    message: str
+    event: tuple[str, str, str] | None  # (type, reason, message); None: nothing worth an Event
+    drift: tuple[ConditionChange, ...] = ()  # DriftDetected, set only by checks and recreates
+    drifted_fields: tuple[str, ...] | None = None  # status.driftedFields after a check; None: left as is
+
+
+def success_report(
+    environment_id: str, fields: Sequence[str], trigger: Trigger, *, previous_id: str | None, adopting: bool,
+    created: bool, recovered: bool, recreating: bool,
+) -> SuccessReport:
+    """The report of a sync that ended with ``environment_id`` matching the spec, ``fields`` updated on the way.
+
+    ``recovered``: found (by the resource UID) an environment an interrupted create request had made.
+    """
+    changed = ", ".join(fields)
+    if recreating:
+        message = f"environment {previous_id} was deleted outside the operator; created {environment_id}"
+        return SuccessReport(RECREATED, message, ("Warning", RECREATED, message),
+                             drift=tuple(drift_conditions((), recreated=True)))
+    if created:
+        message = f"created environment {environment_id}"
+        return SuccessReport(CREATED, message, ("Normal", CREATED, message))
+    if recovered:
+        message = f"found environment {environment_id}, created by an interrupted attempt"
+        return SuccessReport(CREATED, message, ("Normal", ADOPTED, message))
+    if adopting:
+        message = f"adopted environment {environment_id}" + (f"; updated {changed}" if changed else "")
+        return SuccessReport(ADOPTED, message, ("Normal", ADOPTED, message))
+    in_sync = f"environment {environment_id} matches the spec"
+    if trigger == "check":
+        drift, drifted = tuple(drift_conditions(fields)), tuple(fields)
+        if not fields:
+            return SuccessReport(IN_SYNC, in_sync, None, drift=drift, drifted_fields=drifted)
+        return SuccessReport(DRIFT_CORRECTED, f"corrected drift in {changed}",
+                             ("Warning", DRIFT_DETECTED, f"fields differed from the spec: {changed}; corrected"),
+                             drift=drift, drifted_fields=drifted)
+    if fields:
+        return SuccessReport(UPDATED, f"updated {changed}",
+                             ("Normal", UPDATED, f"updated environment {environment_id}: {changed}"))
+    return SuccessReport(IN_SYNC, in_sync, None)
+
+
 # ----- creating without duplicates -----------------------------------------------------------------
 
 
@@ -598,10 +646,15 @@ DeletionAction = Literal["release", "orphan", "archive", "delete"]
 
 
 def deletion_action(spec: Mapping[str, Any], status: Mapping[str, Any]) -> DeletionAction:
-    """What deleting the resource does remotely, by ``deletionPolicy`` (Archive when unset or unknown)."""
-    if not status.get("id"):
-        return "release"  # nothing was ever recorded remotely: let the resource go at once
+    """What deleting the resource does remotely, by ``deletionPolicy`` (Archive when unset or unknown).
+
+    Without ``status.id`` but with a create claim, a create request may have been sent whose answer was
+    lost (a crash, a timeout, a 5xx): archive or delete then applies to the environment carrying the
+    resource UID, if the caller finds one. Without either, nothing was ever created: release at once.
+    """
     policy = spec.get("deletionPolicy") or "Archive"
+    if not status.get("id") and (not status.get("createRequestedBy") or policy == "Orphan"):
+        return "release"
     if policy == "Orphan":
         return "orphan"
     if policy == "Delete":

@@ -281,11 +281,7 @@ class Reconciler:
             recreating=recreating,
         ):
             self.action = "look up environments"
-            window = sync.lookup_window_start(
-                sync.parse_time((self.body.get("metadata") or {}).get("creationTimestamp")),
-                sync.parse_time(status.get("createdAt")),
-            )
-            found = await api.find_by_uid(self.uid, window_start=window)
+            found = await self.find_interrupted_create(api)
             self.state.foreign_claim_seen = False
             if found is not None and found.id != status.get("id"):
                 self.state.outcome_unknown = False
@@ -298,6 +294,14 @@ class Reconciler:
             raise
         self.state.outcome_unknown = False
         return remote, False
+
+    async def find_interrupted_create(self, api: EnvironmentsApi) -> RemoteEnvironment | None:
+        """The environment stamped with this resource's UID, if an earlier create request made one."""
+        window = sync.lookup_window_start(
+            sync.parse_time((self.body.get("metadata") or {}).get("creationTimestamp")),
+            sync.parse_time(self.status.get("createdAt")),
+        )
+        return await api.find_by_uid(self.uid, window_start=window)
 
     def report_archived(self, remote: RemoteEnvironment, owned: list[str]) -> None:
         message = (f"environment {remote.id} was archived at {remote.archived_at}; archived environments are "
@@ -313,39 +317,15 @@ class Reconciler:
     def report_success(self, remote: RemoteEnvironment, plan: sync.UpdatePlan, trigger: Trigger, *,
                        previous_id: str | None, adopting: bool, created: bool, recovered: bool,
                        recreating: bool) -> None:
-        changed = ", ".join(plan.fields)
-        drift: list[ConditionChange] = []
-        if recreating:
-            reason, message = sync.RECREATED, f"environment {previous_id} was deleted outside the operator; " \
-                                              f"created {remote.id}"
-            self.event("Warning", sync.RECREATED, message)
-            drift = sync.drift_conditions((), recreated=True)
-        elif created:
-            reason, message = sync.CREATED, f"created environment {remote.id}"
-            self.event("Normal", sync.CREATED, message)
-        elif recovered:
-            reason, message = sync.CREATED, f"found environment {remote.id}, created by an interrupted attempt"
-            self.event("Normal", sync.ADOPTED, message)
-        elif adopting:
-            reason, message = sync.ADOPTED, f"adopted environment {remote.id}" + (
-                f"; updated {changed}" if changed else "")
-            self.event("Normal", sync.ADOPTED, message)
-        elif trigger == "check":
-            drift = sync.drift_conditions(plan.fields)
-            self.write_status({"driftedFields": list(plan.fields)})
-            if plan.fields:
-                reason, message = sync.DRIFT_CORRECTED, f"corrected drift in {changed}"
-                self.event("Warning", sync.DRIFT_DETECTED, f"fields differed from the spec: {changed}; corrected")
-            else:
-                reason, message = sync.IN_SYNC, f"environment {remote.id} matches the spec"
-        elif plan.fields:
-            reason, message = sync.UPDATED, f"updated {changed}"
-            self.event("Normal", sync.UPDATED, f"updated environment {remote.id}: {changed}")
-        else:
-            reason, message = sync.IN_SYNC, f"environment {remote.id} matches the spec"
-        if reason != sync.IN_SYNC:
-            self.logger.info("%s", message)
-        self.set_conditions([*sync.synced_conditions(reason, message), *drift])
+        report = sync.success_report(remote.id, plan.fields, trigger, previous_id=previous_id, adopting=adopting,
+                                     created=created, recovered=recovered, recreating=recreating)
+        if report.event is not None:
+            self.event(*report.event)
+        if report.drifted_fields is not None:
+            self.write_status({"driftedFields": list(report.drifted_fields)})
+        if report.reason != sync.IN_SYNC:
+            self.logger.info("%s", report.message)
+        self.set_conditions([*sync.synced_conditions(report.reason, report.message), *report.drift])
 
     # ----- failures ---------------------------------------------------------------------------------
 
@@ -477,7 +457,7 @@ async def delete_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo
     reconciler = Reconciler(body, patch, memo, logger)
     status = reconciler.status
     action = sync.deletion_action(reconciler.raw_spec, status)
-    environment_id = status.get("id")
+    environment_id: str | None = status.get("id")
     if action == "release":
         return
     if action == "orphan":
@@ -486,14 +466,25 @@ async def delete_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo
     async with reconciler.state.lock:
         try:
             api = await reconciler.api()
+            if environment_id is None:  # a create was claimed, its answer never recorded: look for its result
+                found = await reconciler.find_interrupted_create(api)
+                if found is None:
+                    return
+                environment_id = found.id
             if action == "archive":
-                await api.archive(str(environment_id))
+                await api.archive(environment_id)
             else:
-                await api.delete(str(environment_id))
+                await api.delete(environment_id)
         except SecretKeyError as exc:
+            if environment_id is None:
+                # Without a key nothing can be looked for; holding the resource would only hang its deletion.
+                reconciler.event("Warning", sync.CREDENTIALS_UNAVAILABLE,
+                                 f"released without looking for an environment an interrupted create may have "
+                                 f"left: {exc}")
+                return
             blocked, delay = str(exc), sync.backoff_delay(retry, base=SECRET_BACKOFF_BASE_SECONDS)
         except ApiCallError as exc:
-            if exc.failure.status != 404:  # already gone is what we wanted
+            if exc.failure.status != 404 or environment_id is None:  # already gone is what we wanted
                 decision = sync.decide_failure(exc.failure, retry=retry, action=f"{action} environment")
                 blocked, delay = exc.failure.describe(), decision.delay or sync.backoff_delay(retry)
             else:
@@ -501,7 +492,8 @@ async def delete_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo
         else:
             blocked, delay = "", 0.0
         if blocked:
-            message = f"cannot {action} environment {environment_id}: {blocked}; retrying in {delay:g}s"
+            target = f"environment {environment_id}" if environment_id else "the environment a create may have left"
+            message = f"cannot {action} {target}: {blocked}; retrying in {delay:g}s"
             change = ConditionChange(sync.READY, "False", sync.DELETION_BLOCKED, message)
             if sync.is_new_reason(status.get("conditions"), change):
                 reconciler.event("Warning", sync.DELETION_BLOCKED, message)
