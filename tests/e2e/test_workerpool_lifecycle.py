@@ -104,3 +104,42 @@ async def test_deleting_the_pool_stops_dispatch_ends_its_workers_and_cleans_up(
     (queued,) = world.enqueue(1)
     await world.kube.wait_until(lambda: True)
     assert world.work_state(queued) == "queued" and world.pods() == []
+
+
+async def test_an_item_that_comes_back_after_its_pod_ended_gets_a_fresh_pod_under_full_lifecycle(
+        workerpool_world: WorkerPoolWorld) -> None:
+    world = workerpool_world
+    work_id, pod, _ = await dispatched(world, startupTimeoutSeconds=2)
+    world.kubelet.run(pod, world.namespace)
+    world.kubelet.succeed(pod, world.namespace)
+    await world.kube.wait_until(lambda: ((world.pool() or {}).get("status") or {}).get("workers", {}).get(
+        "succeeded") == 1, message="the operator sees the pod succeeded")
+    # The worker ended without stopping its item, and the lease ran out: the item is queued again. The
+    # operator meets the ended pod, deletes it, and after the reclaim window dispatches a fresh one.
+    world.emulator.state.expire_lease(work_id)
+    await world.kube.wait_until(lambda: len(world.acks(work_id)) == 2, message="the item acknowledged again")
+    fresh = world.kube.get(PODS, pod, world.namespace)
+    assert fresh is not None and (fresh.get("status") or {}).get("phase") in (None, "Pending")
+
+    # The fresh pod has the old one's name; the startup timeout must still apply to it.
+    world.kubelet.image_pull_backoff(pod, world.namespace)
+    _, _, message = await world.wait_event("WorkerStartTimeout")
+    assert work_id in message
+    await world.wait_work_state([work_id], "stopped")
+    await world.kube.wait_for(PODS, pod, lambda o: o is None, world.namespace)
+
+
+async def test_deleting_the_pool_stops_the_items_still_owed_a_force_stop(workerpool_world: WorkerPoolWorld) -> None:
+    world = workerpool_world
+    work_id, pod, _ = await dispatched(world)
+    # The API refuses the force-stop of the failed pod's item (all three attempts of the one call).
+    world.emulator.faults.add({"faults": [{"route": "work.stop", "effect": "error", "status": 503, "times": 3}]})
+    world.kubelet.run(pod, world.namespace)
+    world.kubelet.fail(pod, world.namespace)
+    await world.wait_event("WorkerFailed")
+    await world.kube.wait_until(lambda: len([s for s in stops(world, work_id) if s == 503]) == 3,
+                                message="the force-stop refused three times")
+
+    world.kube.delete(WORKERPOOLS, "pool", world.namespace)
+    await world.kube.wait_for(WORKERPOOLS, "pool", lambda o: o is None, world.namespace)
+    assert world.work_state(work_id) == "stopped"

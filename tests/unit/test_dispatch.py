@@ -257,6 +257,15 @@ class TestLifecycle:
         memory.deleted["a"] = T0
         assert plan([], memory, T0 + timedelta(seconds=1)).vanished == ()
 
+    def test_a_new_pod_under_a_deleted_pods_name_is_watched_again(self) -> None:
+        memory = PodMemory()
+        plan([view("a", "Succeeded", finished=T0)], memory, T0)
+        memory.deleted["a"] = T0
+        plan([], memory, T0 + timedelta(seconds=1))
+        memory.forget_pod("a")  # the item came back and was dispatched to a fresh pod of the same name
+        fresh = view("a", "Pending", created=T0 + timedelta(seconds=2))
+        assert plan([fresh], memory, T0 + timedelta(seconds=62)).timed_out == (fresh,)
+
     def test_a_failed_pod_that_then_vanishes_is_reported_once(self) -> None:
         memory = PodMemory()
         failed = view("a", "Failed", finished=T0)

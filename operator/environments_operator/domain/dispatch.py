@@ -284,6 +284,16 @@ class PodMemory:
     deleted: dict[str, datetime] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
 
+    def forget_pod(self, name: str) -> None:
+        """A new pod was created under ``name``: what was remembered about an earlier one does not apply.
+
+        Pod names derive from the work ID, so an item that comes back after its pod ended gets a pod of
+        the same name; remembered as deleted, it would escape every lifecycle check.
+        """
+        self.deleted.pop(name, None)
+        self.first_seen.pop(name, None)
+        self.finished_seen.pop(name, None)
+
 
 @dataclass(frozen=True)
 class LifecyclePlan:

@@ -18,7 +18,8 @@ Composition:
   A refused creation is not acknowledged (the item is offered again after the reclaim window), is
   reported (``DispatchFailing``, an Event) and pauses polling with a backoff.
 - An **on.delete** handler ends a deleted pool: it waits for the daemon to stop (no pod can appear
-  behind its back), force-stops the items of unfinished pods, and deletes the pool's pods and Secrets.
+  behind its back), force-stops the items of unfinished pods and those still owed a force-stop, and
+  deletes the pool's pods and Secrets.
 
 Every decision is a ``domain.dispatch`` function; this module performs the I/O and reports. It returns
 nothing to kopf (kopf would store a return value in an undeclared status field) and posts Events
@@ -591,7 +592,9 @@ class PoolDispatcher:
             self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
                                                                 item.work_id))
             return
-        if not pod_created and self._ended_earlier(pod_name):
+        if pod_created:
+            self.memory.forget_pod(pod_name)
+        elif self._ended_earlier(pod_name):
             # An earlier pod of this item has already ended, and the item came back to the queue (its
             # lease was lost). Clear the way and leave the item unacknowledged: after the reclaim
             # window it is offered again and gets a fresh pod.
@@ -720,7 +723,10 @@ class PoolDispatcher:
 @kopf.on.delete(GROUP, VERSION, WORKER_POOLS, id="workerpool-cleanup")
 async def clean_up_workerpool(name: str, namespace: str | None, spec: kopf.Spec, status: kopf.Status,
                               patch: kopf.Patch, memo: Any, logger: Logger, **kwargs: Any) -> None:
-    """End the deleted pool's workers: force-stop the items of unfinished pods, delete pods and Secrets.
+    """End the deleted pool's workers: force-stop their items, delete pods and Secrets.
+
+    The items stopped are those of unfinished pods, and those of failed or vanished pods whose
+    force-stop the dispatcher had not got through yet.
 
     Pods and per-item Secrets carry an owner reference to the pool, so a real cluster's garbage
     collector would delete them as well; deleting them here makes the cleanup independent of it, and
@@ -740,7 +746,8 @@ async def clean_up_workerpool(name: str, namespace: str | None, spec: kopf.Spec,
         selector = pool_selector(name)
         pods = await kube.list("Pod", namespace, selector)
         views = [view for view in (dispatch.worker_pod_view(pod) for pod in pods) if view is not None]
-        unfinished = [view for view in views if not view.finished]
+        to_stop = {view.work_id for view in views if not view.finished}
+        to_stop |= set(dispatcher.pending_stops) if dispatcher is not None else set()
         if queue is not None:
             work_queue = queue
 
@@ -750,9 +757,9 @@ async def clean_up_workerpool(name: str, namespace: str | None, spec: kopf.Spec,
                 except WorkApiError as exc:
                     logger.warning("force-stopping work item %s failed (its lease will expire): %s", work_id, exc)
 
-            await asyncio.gather(*(stop(view.work_id) for view in unfinished))
-        summary = (f"{len(views)} worker pods removed; the work items of "
-                   f"{len(unfinished) if queue is not None else 0} unfinished ones force-stopped")
+            await asyncio.gather(*(stop(work_id) for work_id in sorted(to_stop)))
+        summary = (f"{len(views)} worker pods removed; "
+                   f"{len(to_stop) if queue is not None else 0} work items force-stopped")
         logger.info("WorkerPool deleted: %s", summary)
         await asyncio.gather(*(kube.delete_if_present("Pod", namespace, view.name) for view in views))
         secrets = await kube.list("Secret", namespace, selector)
