@@ -210,3 +210,22 @@ async def test_api_errors_during_poll_and_ack_lose_nothing(workerpool_world: Wor
     await world.kube.wait_until(lambda: len(world.acks()) >= 3, message="3 successful acks")
     assert sorted(r.path.split("/")[-2] for r in world.acks()) == sorted(work_ids)
     assert (REGISTRY.get_sample_value(API_ERRORS, {"route": route, "status": status}) or 0.0) > errors_before
+
+
+async def test_an_ack_answered_409_keeps_the_pod_of_an_item_already_acknowledged(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """A 409 means the item is past queued (our own earlier ack whose answer was lost, and its worker may
+    be live): deleting the pod could end a running session."""
+    world = workerpool_world
+    world.emulator.faults.add({"faults": [
+        {"route": "work.ack", "effect": "error", "status": 409, "times": 1, "when": "after"},
+    ]})
+    (work_id,) = world.enqueue(1)
+    world.create_pool()
+    await world.wait_work_state([work_id], "starting")
+    await world.kube.wait_until(
+        lambda: any(r.path.endswith(f"/{work_id}/ack") and r.status == 409 for r in world.responses),
+        message="the 409 ack answer")
+    await asyncio.sleep(0.5)  # the operator has handled the failed ack by now
+    assert world.pod_for(work_id) is not None
+    assert world.work_state(work_id) == "starting"

@@ -340,3 +340,22 @@ class TestOrphanedSecrets:
                                                    created: str | None, orphan: bool) -> None:
         result = orphaned_secrets([secret(work_id, created)], pods, in_flight, now=T0, grace_seconds=60)
         assert result == ([f"secret-of-{work_id}"] if orphan else [])
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable", "pod_created", "expected"),
+    [
+        (0, True, True, "offer_again"),      # no answer: the item comes back and meets its pod
+        (503, True, True, "offer_again"),
+        (429, True, False, "offer_again"),
+        (409, False, True, "keep_pod"),      # already acknowledged (a lost answer): its worker may be live
+        (409, False, False, "keep_pod"),
+        (404, False, True, "remove_pod"),    # the item is gone: a pod made just now serves nothing
+        (403, False, True, "remove_pod"),
+        (404, False, False, "keep_pod"),     # an earlier pod is not ours to judge here: lifecycle handles it
+    ],
+)
+def test_after_failed_ack(status: int, retryable: bool, pod_created: bool, expected: str) -> None:
+    from environments_operator.domain.dispatch import after_failed_ack
+
+    assert after_failed_ack(status=status, retryable=retryable, pod_created=pod_created) == expected

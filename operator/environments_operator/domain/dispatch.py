@@ -452,6 +452,27 @@ class DispatchFailure:
     message: str
 
 
+AckFailureAction = Literal["offer_again", "keep_pod", "remove_pod"]
+
+
+def after_failed_ack(*, status: int, retryable: bool, pod_created: bool) -> AckFailureAction:
+    """What to do with an item's pod when its ack failed.
+
+    - A transient failure: keep everything; the item is offered again after the reclaim window, meets
+      its pod (AlreadyExists) and is only acknowledged then.
+    - 409, the item is past ``queued``: it was acknowledged already, most likely by our own earlier ack
+      whose answer was lost, and its worker may already hold the lease. Deleting the pod could end a live
+      session; keeping it costs nothing, because a worker whose item another worker holds fails its
+      first heartbeat (412) and exits.
+    - Anything else (the item is gone, the key is refused): a pod created just now serves nothing.
+    """
+    if retryable:
+        return "offer_again"
+    if status == 409 or not pod_created:
+        return "keep_pod"
+    return "remove_pod"
+
+
 def dispatch_failure(kind: str, status: int, api_reason: str, api_message: str, work_id: str) -> DispatchFailure:
     """Name a refused creation: quota and policy refusals (403), invalid manifests (422), the rest."""
     if status == 403:

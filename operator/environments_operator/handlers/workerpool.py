@@ -606,14 +606,15 @@ class PoolDispatcher:
         try:
             await queue.ack(item.work_id)
         except WorkApiError as exc:
-            if exc.retryable:
-                # The pod exists; when the item is offered again it meets it and is only acknowledged.
+            action = dispatch.after_failed_ack(status=exc.status, retryable=exc.retryable, pod_created=pod_created)
+            if action == "offer_again":
                 self.logger.warning("acknowledging work item %s failed; it will be offered again: %s",
                                     item.work_id, exc)
+            elif action == "keep_pod":
+                self.logger.info("work item %s was not acknowledged now (%s); its pod is kept", item.work_id, exc)
             else:
                 self.logger.info("work item %s was not acknowledged (%s); its new pod is removed", item.work_id, exc)
-                if pod_created:
-                    await self._delete_worker(item.work_id, pod_name)
+                await self._delete_worker(item.work_id, pod_name)
             return
         metrics.DISPATCH_LATENCY.labels(stage="acked").observe(self.now() - claimed_at)
         metrics.ITEMS_DISPATCHED.labels(namespace=self.namespace, pool=self.name).inc()
