@@ -260,6 +260,31 @@ def test_decide_failure(status: int | None, retry_after: float | None, retry: in
         assert "the API's words" in decision.message
 
 
+ARCHIVED_NOW = remote(archived_at="2026-05-01T11:30:00Z")
+
+
+@pytest.mark.parametrize(("update_status", "reread", "verdict"), [
+    (404, ApiFailure(404, "not found"), "gone"),  # deleted between read and update
+    (400, ApiFailure(404, "not found"), "gone"),
+    (400, ARCHIVED_NOW, "archived"),  # archived between read and update: read-only
+    (404, ARCHIVED_NOW, "archived"),
+    (400, remote(), "refused"),  # still standing: the API refused the update itself
+    (404, remote(), "refused"),
+    (400, ApiFailure(500, "boom"), "undecided"),  # cannot tell: retry rather than give up
+    (404, ApiFailure(None, "connection reset"), "undecided"),
+    (400, ApiFailure(429, "slow down"), "undecided"),
+    (400, ApiFailure(403, "forbidden"), "undecided"),
+    (400, ApiFailure(422, "odd"), "refused"),  # a definite answer that explains nothing
+    (422, ARCHIVED_NOW, "refused"),  # only 400 and 404 can come from a change underneath
+    (500, ApiFailure(404, "not found"), "refused"),
+    (409, ARCHIVED_NOW, "refused"),
+])
+def test_refused_update_verdict(update_status: int, reread: RemoteEnvironment | ApiFailure, verdict: str) -> None:
+    failure = ApiFailure(update_status, "the API's words")
+    assert sync.refused_update_verdict(failure, reread) == verdict
+    assert sync.rereads_after_refused_update(failure) is (update_status in (400, 404))
+
+
 @pytest.mark.parametrize(("status", "unknown"), [(None, True), (500, True), (503, True), (429, False), (400, False)])
 def test_outcome_unknown_only_without_a_definite_answer(status: int | None, unknown: bool) -> None:
     assert ApiFailure(status, "m").outcome_unknown is unknown

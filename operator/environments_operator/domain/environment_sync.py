@@ -11,7 +11,8 @@ lives here as pure functions, so that each rule can be read and tested in a tabl
   resource UID under ``UID_METADATA_KEY``);
 - the drift-check schedule (interval from settings or annotation, jittered);
 - how each API failure (``domain.api_failure.ApiFailure``) is handled: terminal for the generation, or
-  retried after a delay that honours the server's ``retry-after``;
+  retried after a delay that honours the server's ``retry-after``; and what an update refused because
+  the environment was deleted or archived between the controller's read and its update really means;
 - how a successful sync is reported (conditions, their reasons, Events) and what deletion does remotely.
 
 What the API allows to clear, per field (it preserves every field an update omits):
@@ -554,6 +555,37 @@ def decide_failure(failure: ApiFailure, *, retry: int, action: str) -> FailureDe
     if status == 404:
         return FailureDecision(terminal=True, reason=NOT_FOUND, message=failure.message)
     return FailureDecision(terminal=True, reason=REJECTED, message=failure.message)
+
+
+RefusedUpdateVerdict = Literal["gone", "archived", "refused", "undecided"]
+
+
+def rereads_after_refused_update(failure: ApiFailure) -> bool:
+    """Whether an update's failure may come from the environment changing after the controller read it.
+
+    A 404 (deleted in the meantime) and a 400 (archived in the meantime: archived environments are
+    read-only) may; the answer lies in the environment as it is now, so the caller re-reads it once.
+    """
+    return failure.status in (400, 404)
+
+
+def refused_update_verdict(failure: ApiFailure, reread: RemoteEnvironment | ApiFailure) -> RefusedUpdateVerdict:
+    """What an update refused with ``failure`` means, judged by re-reading the environment (``reread``:
+    the environment as the API returns it now, or the re-read's own failure).
+
+    - ``gone``: it was deleted outside the operator: the same as finding it deleted on read.
+    - ``archived``: it was archived outside the operator: reported, never fought.
+    - ``refused``: it still stands as it was: the update's own failure stands, verbatim.
+    - ``undecided``: the re-read failed in a way a retry may fix (no answer, 5xx, 429, the key): the
+      re-read's failure is reported and retried, since calling a refusal terminal could be wrong.
+    """
+    if not rereads_after_refused_update(failure):
+        return "refused"
+    if isinstance(reread, ApiFailure):
+        if reread.status == 404:
+            return "gone"
+        return "refused" if decide_failure(reread, retry=0, action="").terminal else "undecided"
+    return "archived" if reread.archived else "refused"
 
 
 # ----- drift-check schedule --------------------------------------------------------------------------

@@ -13,6 +13,9 @@ Handlers, in the order kopf meets them:
   ``environments.managedagents.dev/drift-interval-seconds`` annotation), jittered, and corrects drift.
 - ``environment-delete`` (finalizer): archives, deletes or orphans by ``spec.deletionPolicy``.
 
+An update the API refuses with 404 or 400 may meet an environment deleted or archived since it was read:
+the environment is re-read once and ``sync.refused_update_verdict`` says what the refusal means.
+
 Every decision is a function of ``domain.environment_sync``; this module reads the resource, calls the
 adapters, writes ``status`` through kopf's patch and posts Events. Handlers return nothing: kopf would
 store a returned value in ``status.<handler id>``, which the CRD does not declare.
@@ -241,10 +244,15 @@ class Reconciler:
             except ApiCallError as exc:
                 if exc.failure.status != 404:
                     raise
-                raise ApiCallError(ApiFailure(404, f"spec.externalId: environment {spec.externalId} does not "
-                                                   f"exist ({exc.failure.message})")) from None
+                raise _external_id_missing(spec.externalId, exc.failure) from None
             adopting = True
+        await self.converge(spec, api, trigger, status, remote, previous_id=previous_id, adopting=adopting,
+                            recreating=recreating)
 
+    async def converge(self, spec: EnvironmentSpec, api: EnvironmentsApi, trigger: Trigger, status: dict[str, Any],
+                       remote: RemoteEnvironment | None, *, previous_id: str | None, adopting: bool,
+                       recreating: bool) -> None:
+        """Brings the environment just read (``None``: there is none, create one) to the spec, and reports."""
         created = recovered = False
         if remote is None:
             remote, recovered = await self.create(spec, api, status, recreating=recreating)
@@ -264,13 +272,40 @@ class Reconciler:
         plan = sync.plan_update(spec, remote, resource_name=self.name, owned_metadata_keys=owned)
         if not plan.in_sync:
             self.action = f"update environment {remote.id}"
-            remote = await api.update(remote.id, plan.params)
+            try:
+                remote = await api.update(remote.id, plan.params)
+            except ApiCallError as exc:
+                # Only an environment read (not made) in this call can have changed since it was read.
+                if created or recovered or not sync.rereads_after_refused_update(exc.failure):
+                    raise
+                reread = await self.reread(api, remote.id)
+                verdict = sync.refused_update_verdict(exc.failure, reread)
+                if verdict == "archived" and isinstance(reread, RemoteEnvironment):
+                    self.report_archived(reread, owned)
+                    return
+                if verdict == "gone" and adopting:
+                    raise _external_id_missing(remote.id, exc.failure) from None
+                if verdict == "gone":  # deleted since it was read: what a read that finds it deleted does
+                    await self.converge(spec, api, trigger, status, None, previous_id=previous_id,
+                                        adopting=False, recreating=True)
+                    return
+                if verdict == "undecided" and isinstance(reread, ApiFailure):
+                    raise ApiCallError(reread) from None
+                raise
         now = _now()
         self.write_status(sync.status_for(remote, generation=self.generation, now=now,
                                           owned_metadata_keys=plan.owned_metadata_keys))
         self.state.schedule.checked(now=now, fraction=random.random())  # noqa: S311
         self.report_success(remote, plan, trigger, previous_id=previous_id, adopting=adopting, created=created,
                             recovered=recovered, recreating=recreating)
+
+    async def reread(self, api: EnvironmentsApi, environment_id: str) -> RemoteEnvironment | ApiFailure:
+        """The environment as it is now, or why it could not be read (the caller decides what that means)."""
+        self.action = f"read environment {environment_id}"
+        try:
+            return await api.retrieve(environment_id)
+        except ApiCallError as exc:
+            return exc.failure
 
     async def create(self, spec: EnvironmentSpec, api: EnvironmentsApi, status: dict[str, Any], *,
                      recreating: bool) -> tuple[RemoteEnvironment, bool]:
@@ -389,6 +424,12 @@ class Reconciler:
             except ApiCallError as exc:
                 decision = self.report_failure(exc.failure, retry=schedule.failures)
                 schedule.failed(now=_now(), retry_in=decision.delay or sync.backoff_delay(schedule.failures))
+
+
+def _external_id_missing(external_id: str, failure: ApiFailure) -> ApiCallError:
+    """The failure of adopting an environment that does not exist: terminal, naming ``spec.externalId``."""
+    return ApiCallError(ApiFailure(404, f"spec.externalId: environment {external_id} does not exist "
+                                        f"({failure.message})"))
 
 
 def _claim_needed(status: kopf.Status, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> bool:
