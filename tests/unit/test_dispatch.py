@@ -10,15 +10,18 @@ import pytest
 from environments_operator.domain.conditions import get_condition
 from environments_operator.domain.dispatch import (
     MAX_CONCURRENT_POLLS,
+    POLL_FAILURES_BEFORE_NOT_READY,
     Blocker,
     DispatchFailure,
     EnvironmentEntry,
     PodMemory,
     WorkerPodView,
+    after_failed_poll,
     backoff_seconds,
     can_start_poll,
     desired_workers,
     dispatch_failure,
+    earlier_pod_ended,
     environment_entry,
     occupied_slots,
     orphaned_secrets,
@@ -78,13 +81,20 @@ class TestSpecAndEnvironment:
     ])
     def test_environment_ref_resolution(self, entries: list[EnvironmentEntry], expected: str) -> None:
         pool = WorkerPoolSpec.model_validate({"environmentRef": {"name": "e"}, "environmentKeySecretRef": KEY_REF})
-        result = resolve_environment(pool, "ns", entries)
+        result = resolve_environment(pool, "ns", {("ns", "e"): entries})
         assert (result.reason if isinstance(result, Blocker) else result) == expected
         if isinstance(result, Blocker):
             assert "'e'" in result.message
 
+    @pytest.mark.parametrize("key", [("other-ns", "e"), ("ns", "other")])
+    def test_environment_ref_is_looked_up_by_namespace_and_name(self, key: tuple[str, str]) -> None:
+        pool = WorkerPoolSpec.model_validate({"environmentRef": {"name": "e"}, "environmentKeySecretRef": KEY_REF})
+        index = {key: [EnvironmentEntry(key[1], "env_9", "self_hosted", False)]}
+        result = resolve_environment(pool, "ns", index)
+        assert isinstance(result, Blocker) and result.reason == "EnvironmentNotFound"
+
     def test_environment_id_needs_no_index(self) -> None:
-        assert resolve_environment(spec(), "ns", []) == "env_1"
+        assert resolve_environment(spec(), "ns", {}) == "env_1"
 
     def test_environment_entry_prefers_the_api_type(self) -> None:
         entry = environment_entry("e", {"config": {"type": "cloud"}}, {"id": "env_2", "type": "self_hosted"})
@@ -359,3 +369,58 @@ def test_after_failed_ack(status: int, retryable: bool, pod_created: bool, expec
     from environments_operator.domain.dispatch import after_failed_ack
 
     assert after_failed_ack(status=status, retryable=retryable, pod_created=pod_created) == expected
+
+
+class TestPollFailure:
+    @pytest.mark.parametrize(
+        ("failures", "status", "retryable", "retry_after", "reason", "pause", "reread_key"),
+        [
+            (1, 401, False, None, "EnvironmentKeyRejected", 0.5, True),   # reported at once; the key is re-read
+            (1, 403, False, None, "EnvironmentKeyRejected", 0.5, True),
+            (1, 400, False, None, "PollRejected", 0.5, False),            # a refusal retrying will not mend
+            (1, 503, True, None, None, 0.5, False),                       # transient: not reported yet
+            (POLL_FAILURES_BEFORE_NOT_READY - 1, 0, True, None, None, 1.0, False),
+            (POLL_FAILURES_BEFORE_NOT_READY, 0, True, None, "WorkQueueUnavailable", 2.0, False),
+            (2, 429, True, 7.0, None, 7.0, False),                        # Retry-After beyond the backoff wins
+            (4, 429, True, 1.0, "WorkQueueUnavailable", 4.0, False),      # the backoff beyond Retry-After wins
+            (20, 503, True, None, "WorkQueueUnavailable", 30.0, False),   # the backoff is capped
+        ],
+    )
+    def test_after_failed_poll(self, failures: int, status: int, retryable: bool, retry_after: float | None,
+                               reason: str | None, pause: float, reread_key: bool) -> None:
+        plan = after_failed_poll(failures=failures, status=status, retryable=retryable,
+                                 credential_rejected=status in (401, 403), retry_after=retry_after,
+                                 api_message="the API says no", error="poll failed (503): the API says no")
+        assert (plan.blocker.reason if plan.blocker else None) == reason
+        assert plan.pause_seconds == pause and plan.reread_key is reread_key
+
+    def test_messages_say_what_failed(self) -> None:
+        rejected = after_failed_poll(failures=1, status=401, retryable=False, credential_rejected=True,
+                                     retry_after=None, api_message="invalid key", error="poll failed (401): x")
+        assert rejected.blocker == Blocker("EnvironmentKeyRejected",
+                                           "the API rejected the environment key (401): invalid key")
+        refused = after_failed_poll(failures=1, status=400, retryable=False, credential_rejected=False,
+                                    retry_after=None, api_message="bad", error="poll failed (400): bad")
+        assert refused.blocker == Blocker("PollRejected", "polling the work queue failed: poll failed (400): bad")
+        unavailable = after_failed_poll(failures=3, status=0, retryable=True, credential_rejected=False,
+                                        retry_after=None, api_message="timeout",
+                                        error="poll failed (no response): timeout")
+        assert unavailable.blocker == Blocker(
+            "WorkQueueUnavailable",
+            "3 polls in a row failed, retrying with backoff; last: poll failed (no response): timeout")
+
+
+@pytest.mark.parametrize(
+    ("pods", "ended"),
+    [
+        ([], False),                                                                  # no pod under the name
+        ([view("work-a", "Running")], False),                                         # live: AlreadyExists
+        ([view("work-a", "Pending")], False),
+        ([view("work-a", "Succeeded")], True),                                        # the item came back
+        ([view("work-a", "Failed")], True),
+        ([view("work-a", "Running", deleting=True)], True),                           # on its way out
+        ([view("work-b", "Succeeded"), view("work-a", "Running")], False),            # another pod ended
+    ],
+)
+def test_earlier_pod_ended(pods: list[WorkerPodView], ended: bool) -> None:
+    assert earlier_pod_ended(pods, "work-a") is ended

@@ -9,9 +9,11 @@ answer, and only then acts:
   dispatched right now and the polls in flight (each of which may return an item). The pollers
   grow by one per claimed item (so a burst is served by up to ``MAX_CONCURRENT_POLLS`` pipelined
   pollers after a few round trips) and shrink back to one as soon as a poll comes back empty, so an
-  idle pool keeps a single long-poll open.
+  idle pool keeps a single long-poll open. ``after_failed_poll`` says how long a failed poll pauses
+  polling and what the pool reports about it.
 - **What happened to the pods?** ``worker_pod_view`` reads a pod into the few facts that matter;
-  ``plan_lifecycle`` says which pods timed out starting, failed, vanished or outlived their TTL.
+  ``plan_lifecycle`` says which pods timed out starting, failed, vanished or outlived their TTL;
+  ``earlier_pod_ended`` whether a claimed item's pod name is taken by a pod that already ended.
 - **What does the status say?** ``worker_counts``, ``desired_workers`` and ``pool_conditions``.
 
 No I/O, no clocks: every function takes ``now`` when it needs the time.
@@ -39,6 +41,9 @@ from environments_operator.domain.workerpool import QueueStatus, WorkerCounts, W
 # Upper bound on pipelined polls per pool: enough to hide a round trip per item in a burst, and
 # well within the Kubernetes client's thread pool, which every dispatch of every pool shares.
 MAX_CONCURRENT_POLLS = 16
+
+# After this many poll failures in a row, Ready turns False (polling goes on, with backoff).
+POLL_FAILURES_BEFORE_NOT_READY = 3
 
 # A pod vanishes from our view when it is deleted; one we deleted ourselves is not "vanished".
 # Remember such names this long, far beyond the time a watch event needs to arrive.
@@ -110,14 +115,20 @@ def environment_entry(name: str, spec: Mapping[str, Any], status: Mapping[str, A
     )
 
 
-def resolve_environment(
-    spec: WorkerPoolSpec, namespace: str, entries: Sequence[EnvironmentEntry]
-) -> str | Blocker:
-    """The environment ID the pool serves, or why there is none yet."""
+# The Environment index: (namespace, name) -> the entries kopf holds for it (one, or none).
+EnvironmentIndex = Mapping[tuple[str, str], Iterable[EnvironmentEntry]]
+
+
+def resolve_environment(spec: WorkerPoolSpec, namespace: str, environments: EnvironmentIndex) -> str | Blocker:
+    """The environment ID the pool serves, or why there is none yet.
+
+    Both the dispatch loop and the deletion handler resolve through here, from the same index.
+    """
     if spec.environmentId:
         return spec.environmentId
     assert spec.environmentRef is not None  # the spec model guarantees exactly one of the two
     name = spec.environmentRef.name
+    entries = list(environments.get((namespace, name), ()))
     if not entries:
         return Blocker("EnvironmentNotFound", f"Environment {name!r} not found in namespace {namespace}")
     entry = entries[0]
@@ -161,6 +172,44 @@ def poller_should_retire(*, pollers: int, poll_was_empty: bool) -> bool:
 def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
     """Exponential backoff for the ``attempt``-th consecutive failure (1-based), capped."""
     return float(min(cap, base * 2 ** max(0, attempt - 1)))
+
+
+@dataclass(frozen=True)
+class PollFailurePlan:
+    """What a failed poll means: how long to pause polling, what to report, whether to re-read the key."""
+
+    pause_seconds: float
+    # What Ready=False reports now; None leaves the pool's report as it is (a transient failure so far).
+    blocker: Blocker | None
+    # The API refused the key: it may have been rotated, so the Secret is read again on the next pass.
+    reread_key: bool
+
+
+def after_failed_poll(
+    *,
+    failures: int,
+    status: int,
+    retryable: bool,
+    credential_rejected: bool,
+    retry_after: float | None,
+    api_message: str,
+    error: str,
+) -> PollFailurePlan:
+    """Decide on the ``failures``-th failed poll in a row; ``error`` is the failure as one line.
+
+    A rejected key or a non-retryable refusal is reported at once; a transient failure only once it
+    has repeated ``POLL_FAILURES_BEFORE_NOT_READY`` times. The pause honours the API's Retry-After.
+    """
+    pause = max(backoff_seconds(failures), retry_after or 0.0)
+    blocker: Blocker | None = None
+    if credential_rejected:
+        blocker = Blocker("EnvironmentKeyRejected", f"the API rejected the environment key ({status}): {api_message}")
+    elif not retryable:
+        blocker = Blocker("PollRejected", f"polling the work queue failed: {error}")
+    elif failures >= POLL_FAILURES_BEFORE_NOT_READY:
+        blocker = Blocker(
+            "WorkQueueUnavailable", f"{failures} polls in a row failed, retrying with backoff; last: {error}")
+    return PollFailurePlan(pause_seconds=pause, blocker=blocker, reread_key=credential_rejected)
 
 
 # ----- pods -----------------------------------------------------------------------------------------
@@ -264,6 +313,17 @@ def worker_pod_view(pod: Mapping[str, Any]) -> WorkerPodView | None:
 
 def unfinished_work_ids(views: Iterable[WorkerPodView]) -> set[str]:
     return {view.work_id for view in views if not view.finished}
+
+
+def earlier_pod_ended(views: Iterable[WorkerPodView], pod_name: str) -> bool:
+    """Whether the pod already under an item's name has ended (finished, or being deleted).
+
+    Pod names derive from the work ID, so an item that comes back to the queue after its pod ended
+    (its lease was lost) meets that pod when it is dispatched again: the old pod must be cleared away
+    and the item left unacknowledged, to be offered again and get a fresh pod.
+    """
+    view = next((v for v in views if v.name == pod_name), None)
+    return view is not None and (view.finished or view.deleting)
 
 
 # ----- lifecycle ------------------------------------------------------------------------------------

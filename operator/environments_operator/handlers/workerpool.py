@@ -84,8 +84,6 @@ SECRET_SWEEP_INTERVAL_SECONDS = 300.0
 ORPHAN_SECRET_GRACE_SECONDS = 60.0
 # A pod we created is counted as ours until the pod watch shows it, at most this long.
 CREATED_POD_VISIBLE_WITHIN_SECONDS = 30.0
-# After this many poll failures in a row, Ready turns False (polling goes on, with backoff).
-POLL_FAILURES_BEFORE_NOT_READY = 3
 # At shutdown, dispatches already past their claim get this long to create their pod and ack.
 DISPATCH_DRAIN_SECONDS = 10.0
 # While blocked, the loop looks again this often (Secrets are read, not watched).
@@ -316,10 +314,7 @@ class PoolDispatcher:
 
     async def _resolve(self, spec: WorkerPoolSpec, now: float) -> Blocker | None:
         """The environment from the index (no API call) and its key from the Secret (read when needed)."""
-        entries: list[dispatch.EnvironmentEntry] = []
-        if spec.environmentRef is not None:
-            entries = list(self.environments.get((self.namespace, spec.environmentRef.name), []))
-        resolved = dispatch.resolve_environment(spec, self.namespace, entries)
+        resolved = dispatch.resolve_environment(spec, self.namespace, self.environments)
         if isinstance(resolved, Blocker):
             return resolved
         self.environment_id = resolved
@@ -332,15 +327,11 @@ class PoolDispatcher:
             return None
         if self.key_problem is not None and now < self.key_retry_at:
             return self.key_problem
-        ref = spec.environmentKeySecretRef
-        try:
-            key = await self.kube.read_secret_key(self.namespace, ref.name, ref.key)
-        except (SecretKeyError, KubeApiError) as exc:
-            detail = str(exc) if isinstance(exc, SecretKeyError) else (
-                f"reading Secret {self.namespace}/{ref.name} failed: {exc.status} {exc.reason}")
+        key = await _read_environment_key(self.kube, self.namespace, spec)
+        if isinstance(key, Blocker):
             self.key_failures += 1
             self.key_retry_at = now + dispatch.backoff_seconds(self.key_failures, base=1.0, cap=30.0)
-            self.key_problem = Blocker("EnvironmentKeyUnavailable", f"environmentKeySecretRef: {detail}")
+            self.key_problem = key
             return self.key_problem
         self.key_failures, self.key_problem = 0, None
         self._key_read_at = now
@@ -539,21 +530,18 @@ class PoolDispatcher:
 
     def _on_poll_error(self, exc: WorkApiError) -> None:
         self.poll_failures += 1
-        pause = max(dispatch.backoff_seconds(self.poll_failures), exc.retry_after or 0.0)
-        self.poll_paused_until = max(self.poll_paused_until, self.now() + pause)
-        if exc.credential_rejected:
-            self._key_read_at = None  # re-read the Secret: the key may have been rotated
-            self.poll_problem = Blocker("EnvironmentKeyRejected",
-                                        f"the API rejected the environment key ({exc.status}): {exc.message}")
-        elif not exc.retryable:
-            self.poll_problem = Blocker("PollRejected", f"polling the work queue failed: {exc}")
-        elif self.poll_failures >= POLL_FAILURES_BEFORE_NOT_READY:
-            self.poll_problem = Blocker(
-                "WorkQueueUnavailable",
-                f"{self.poll_failures} polls in a row failed, retrying with backoff; last: {exc}")
+        plan = dispatch.after_failed_poll(
+            failures=self.poll_failures, status=exc.status, retryable=exc.retryable,
+            credential_rejected=exc.credential_rejected, retry_after=exc.retry_after, api_message=exc.message,
+            error=str(exc))
+        self.poll_paused_until = max(self.poll_paused_until, self.now() + plan.pause_seconds)
+        if plan.reread_key:
+            self._key_read_at = None
+        if plan.blocker is not None:
+            self.poll_problem = plan.blocker
         if self.poll_failures == 1 or self.poll_problem is not None:
             self.logger.warning("polling the work queue failed (attempt %d, next in %.1fs): %s",
-                                self.poll_failures, pause, exc)
+                                self.poll_failures, plan.pause_seconds, exc)
         self.wake.set()
 
     # ----- dispatch ---------------------------------------------------------------------------------
@@ -594,10 +582,9 @@ class PoolDispatcher:
             return
         if pod_created:
             self.memory.forget_pod(pod_name)
-        elif self._ended_earlier(pod_name):
-            # An earlier pod of this item has already ended, and the item came back to the queue (its
-            # lease was lost). Clear the way and leave the item unacknowledged: after the reclaim
-            # window it is offered again and gets a fresh pod.
+        elif dispatch.earlier_pod_ended(self._namespace_views(), pod_name):
+            # Clear the way and leave the item unacknowledged: after the reclaim window it is offered
+            # again and gets a fresh pod.
             self.logger.info("work item %s came back after its pod %s ended; it gets a fresh pod",
                              item.work_id, pod_name)
             await self._delete_worker(item.work_id, pod_name)
@@ -624,10 +611,6 @@ class PoolDispatcher:
         if self.dispatch_failures:
             self.dispatch_failures, self.dispatch_failure = 0, None
             self.wake.set()
-
-    def _ended_earlier(self, pod_name: str) -> bool:
-        view = next((v for v in self._namespace_views() if v.name == pod_name), None)
-        return view is not None and (view.finished or view.deleting)
 
     def _on_dispatch_failure(self, failure: DispatchFailure) -> None:
         self.dispatch_failures += 1
@@ -779,27 +762,35 @@ async def clean_up_workerpool(name: str, namespace: str | None, spec: kopf.Spec,
 
 async def _cleanup_queue(spec: kopf.Spec, namespace: str, memo: Any, logger: Logger,
                          environments: kopf.Index[PoolKey, dispatch.EnvironmentEntry]) -> WorkQueue | None:
-    """A work queue client for a pool whose dispatcher is not running (e.g. deleted while the operator was down)."""
+    """A work queue client for a pool whose dispatcher is not running (e.g. deleted while the operator was down).
+
+    It resolves the environment and its key as the dispatch loop does (same index, same Secret read).
+    """
     settings: OperatorSettings = memo["settings"]
     parsed = dispatch.parse_pool_spec(spec)
-    problem: str | None = None
     if isinstance(parsed, Blocker):
-        problem = parsed.message
+        problem = parsed
     else:
-        entries = list(environments.get((namespace, parsed.environmentRef.name), [])) if parsed.environmentRef \
-            else []
-        resolved = dispatch.resolve_environment(parsed, namespace, entries)
+        resolved = dispatch.resolve_environment(parsed, namespace, environments)
         if isinstance(resolved, Blocker):
-            problem = resolved.message
+            problem = resolved
         else:
-            ref = parsed.environmentKeySecretRef
-            try:
-                key = await memo["kube"].read_secret_key(namespace, ref.name, ref.key)
-            except (SecretKeyError, KubeApiError) as exc:
-                problem = f"environmentKeySecretRef: {exc}"
-            else:
+            key = await _read_environment_key(memo["kube"], namespace, parsed)
+            if not isinstance(key, Blocker):
                 return WorkQueue(environment_id=resolved, environment_key=key, base_url=settings.base_url,
                                  worker_id=f"environments-operator/{namespace}/cleanup")
+            problem = key
     logger.warning("the work items of the deleted pool's unfinished pods cannot be force-stopped (%s); "
-                   "their leases will expire instead", problem)
+                   "their leases will expire instead", problem.message)
     return None
+
+
+async def _read_environment_key(kube: KubeClient, namespace: str, spec: WorkerPoolSpec) -> str | Blocker:
+    """The environment key from ``environmentKeySecretRef``, or why it cannot be read (never the key itself)."""
+    ref = spec.environmentKeySecretRef
+    try:
+        return await kube.read_secret_key(namespace, ref.name, ref.key)
+    except (SecretKeyError, KubeApiError) as exc:
+        detail = str(exc) if isinstance(exc, SecretKeyError) else (
+            f"reading Secret {namespace}/{ref.name} failed: {exc.status} {exc.reason}")
+        return Blocker("EnvironmentKeyUnavailable", f"environmentKeySecretRef: {detail}")
