@@ -63,7 +63,9 @@ Sessions
     environment gets a work item ``{"type": "session", "id": ...}``; a cloud one gets none.
 Requests
   - Bodies over ``max_body_bytes`` (1 MiB), invalid JSON, non-object bodies, wrong types and unknown
-    fields are a 400 naming the field; unknown paths 404; wrong methods 405; never a 500.
+    fields are a 400 naming the field; unknown paths 404; wrong methods 405; never a 500. Operations
+    without body parameters (delete, archive, ack, heartbeat, environment-key) take an empty body or
+    ``{}``. Integer query parameters are plain ASCII decimals (``5_0`` or ``1e3`` is a 400).
   - The ``anthropic-beta`` header is accepted but not required.
 """
 
@@ -183,6 +185,13 @@ async def read_body(request: web.Request, *, allow_empty: bool = False) -> dict[
     return value
 
 
+async def read_no_parameters(request: web.Request, operation: str) -> None:
+    """An empty body (or ``{}``) for an operation without parameters; any field is a 400 naming it."""
+    body = await read_body(request, allow_empty=True)
+    if body:
+        raise invalid_request(f"{sorted(body)[0]}: unknown field; {operation} takes no parameters")
+
+
 def credential_value(request: web.Request) -> str | None:
     authorization = request.headers.get("Authorization")
     if authorization is not None:
@@ -245,14 +254,12 @@ class Handlers:
 
     async def delete_environment(self, request: web.Request) -> web.Response:
         _api_key(self.state, request)
-        await read_body(request, allow_empty=True)
+        await read_no_parameters(request, "delete")
         return _json(self.state.delete_environment(request.match_info["environment_id"]))
 
     async def archive_environment(self, request: web.Request) -> web.Response:
         _api_key(self.state, request)
-        body = await read_body(request, allow_empty=True)
-        if body:
-            raise invalid_request(f"{sorted(body)[0]}: unknown field; archive takes no parameters")
+        await read_no_parameters(request, "archive")
         return _json(self.state.archive_environment(request.match_info["environment_id"]).to_api())
 
     # ----- work -------------------------------------------------------------------------------------
@@ -304,14 +311,12 @@ class Handlers:
 
     async def ack_work(self, request: web.Request) -> web.Response:
         environment_id = self._environment_caller(request)
-        body = await read_body(request, allow_empty=True)
-        if body:
-            raise invalid_request(f"{sorted(body)[0]}: unknown field; ack takes no parameters")
+        await read_no_parameters(request, "ack")
         return _json(self.state.ack(environment_id, request.match_info["work_id"]).to_api())
 
     async def heartbeat_work(self, request: web.Request) -> web.Response:
         environment_id, work_id = self._item_caller(request)
-        await read_body(request, allow_empty=True)
+        await read_no_parameters(request, "heartbeat")
         desired_ttl = query_int(request.query, "desired_ttl_seconds", minimum=1, maximum=MAX_DESIRED_TTL_SECONDS)
         expected = request.query.get("expected_last_heartbeat")
         result = self.state.heartbeat(
@@ -348,7 +353,7 @@ class Handlers:
 
     async def issue_environment_key(self, request: web.Request) -> web.Response:
         _api_key(self.state, request)
-        await read_body(request, allow_empty=True)
+        await read_no_parameters(request, "environment-key")
         key = self.state.issue_environment_key(request.match_info["environment_id"])
         return _json({"environment_key": key})
 

@@ -8,6 +8,7 @@ This module may not read or change emulator state.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ PACKAGE_SPEC_MAX_LENGTH = 256
 ALLOWED_HOSTS_MAX = 256
 SCOPES = ("organization", "account")
 ENVIRONMENT_TYPES = ("cloud", "self_hosted")
+_DECIMAL_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def json_type(value: object) -> str:
@@ -272,8 +274,11 @@ def query_int(query: Mapping[str, str], name: str, *, minimum: int, maximum: int
     raw = query.get(name)
     if raw is None:
         return None
+    # int() alone would also take "5_0", " 5" and non-ASCII digits, which no client means as a number.
     try:
-        value = int(raw, 10)
+        if not _DECIMAL_INTEGER.fullmatch(raw):
+            raise ValueError(raw)
+        value = int(raw, 10)  # may still refuse thousands of digits
     except ValueError:
         raise invalid_request(f"{name}: expected an integer, got {raw!r}") from None
     if not minimum <= value <= maximum:
