@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tests.chart.rendering import FULLNAME, JSON, RELEASE_NAMESPACE
+from tests.chart.rendering import FULLNAME, JSON, RELEASE_NAMESPACE, SCENARIOS
 from tests.harness.recorder import RbacUse
 
 # Cluster-scoped resources the operator touches; everything else it uses is namespaced.
@@ -22,6 +22,8 @@ CLUSTER_SCOPED = {
 
 ALL_NAMESPACES = "all-namespaces"
 NAMESPACED = "namespaced"
+# The two RBAC layouts, and the scenario that renders each.
+MODES: dict[str, JSON] = {ALL_NAMESPACES: SCENARIOS["default"], NAMESPACED: SCENARIOS["namespaced"]}
 
 
 def _uses(group: str, resource: str, *verbs: str) -> frozenset[RbacUse]:

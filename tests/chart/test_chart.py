@@ -276,6 +276,11 @@ INCOHERENT_VALUES: list[tuple[str, JSON, str]] = [
     ("servicemonitor-without-metrics", {"metrics": {"port": 0, "serviceMonitor": {"enabled": True}}},
      "needs metrics.port > 0"),
     ("metrics-on-probe-port", {"metrics": {"port": 8080}}, "metrics.port and probes.port must differ"),
+    # The sidecar shares the operator pod's network: two servers on one port, and one crash-loops.
+    ("sidecar-emulator-on-metrics-port", {"emulator": {"enabled": True, "mode": "sidecar", "port": 9090}},
+     "emulator.port must differ from probes.port and metrics.port"),
+    ("sidecar-emulator-on-probe-port", {"emulator": {"enabled": True, "mode": "sidecar", "port": 8080}},
+     "emulator.port must differ from probes.port and metrics.port"),
     ("no-service-account", {"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
 ]
 
@@ -285,6 +290,12 @@ INCOHERENT_VALUES: list[tuple[str, JSON, str]] = [
 def test_incoherent_values_fail_the_render(values: JSON, message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
         render_files(values)
+
+
+def test_emulator_in_its_own_pod_may_use_any_port() -> None:
+    """Only the sidecar shares the operator pod's ports; the emulator's own pod may reuse their numbers."""
+    objects = render({"emulator": {"enabled": True, "port": 8080}})
+    assert only(objects, "Service", f"{FULLNAME}-emulator")["spec"]["ports"][0]["port"] == 8080
 
 
 # ---- the Deployment follows the public contract -------------------------------------------------
@@ -591,8 +602,14 @@ def test_notes_tell_the_user_what_to_apply_next() -> None:
     assert "kubectl apply -f crds/examples/environment-self-hosted.yaml" in notes
     assert "kubectl apply -f crds/examples/workerpool.yaml" in notes
     assert f"port-forward service/{FULLNAME}-emulator" in notes
-    for example in ("environment-self-hosted.yaml", "workerpool.yaml"):
-        assert (ROOT / "crds" / "examples" / example).exists()
+    # The Secrets the notes create are the ones the samples reference (and the samples need them).
+    examples = ROOT / "crds" / "examples"
+    for example, field in (("environment-self-hosted.yaml", "apiKeySecretRef"),
+                           ("workerpool.yaml", "environmentKeySecretRef")):
+        sample = load_yaml(examples / example)
+        ref = sample["spec"][field]
+        assert (f"kubectl -n {sample['metadata']['namespace']} create secret generic {ref['name']} "
+                f"--from-literal={ref['key']}=") in notes
 
 
 # ---- documentation -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from tests.chart.rbac import (
     ADMISSION_NEEDS,
     ALL_NAMESPACES,
     KOPF_NEEDS,
+    MODES,
     NAMESPACED,
     expand,
     granted,
@@ -22,12 +23,11 @@ from tests.chart.rendering import FULLNAME, SCENARIOS, WATCHED, of_kind, only, r
 from tests.harness.kube import CLUSTER_KOPF_PEERINGS, ENVIRONMENTS, KOPF_PEERINGS, WORKERPOOLS, Kube
 from tests.harness.operator import run_operator
 
-MODES = {ALL_NAMESPACES: SCENARIOS["default"], NAMESPACED: SCENARIOS["namespaced"]}
-
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_no_wildcards_and_no_escalation(scenario: str) -> None:
-    for role in of_kind(render(SCENARIOS[scenario]), "ClusterRole") + of_kind(render(SCENARIOS[scenario]), "Role"):
+    objects = render(SCENARIOS[scenario])
+    for role in of_kind(objects, "ClusterRole") + of_kind(objects, "Role"):
         uses, _ = expand(role["rules"])  # asserts no "*"
         assert not {u.verb for u in uses} & {"escalate", "bind", "impersonate", "deletecollection"}
         assert {u for u in uses if u.verb == "update"} <= ADMISSION_NEEDS, "updates go through patches"

@@ -16,17 +16,16 @@ from tests.chart.rbac import (
     ALL_NAMESPACES,
     KOPF_NEEDS,
     KOPF_RESOURCES,
+    MODES,
     NAMESPACED,
     Granted,
     granted,
     is_cluster_scoped,
 )
-from tests.chart.rendering import SCENARIOS, WATCHED, render
+from tests.chart.rendering import WATCHED, render
 from tests.harness.recorder import RbacUse
 
 pytestmark = pytest.mark.after_e2e
-
-MODES = {ALL_NAMESPACES: SCENARIOS["default"], NAMESPACED: SCENARIOS["namespaced"]}
 
 
 def _recorded() -> set[RbacUse]:

@@ -142,11 +142,12 @@ app.kubernetes.io/component: emulator
 {{- if and .Values.metrics.serviceMonitor.enabled (eq (int .Values.metrics.port) 0) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.port > 0" }}
 {{- end }}
-{{- if and .Values.emulator.enabled (eq (int .Values.emulator.port) (int .Values.probes.port)) }}
-{{- fail "emulator.port and probes.port must differ" }}
-{{- end }}
+{{- /* Ports of the operator pod's one network namespace: two servers on one port, one crash-loops. */}}
 {{- if eq (int .Values.metrics.port) (int .Values.probes.port) }}
 {{- fail "metrics.port and probes.port must differ" }}
+{{- end }}
+{{- if and .Values.emulator.enabled (eq .Values.emulator.mode "sidecar") (has (int .Values.emulator.port) (list (int .Values.probes.port) (int .Values.metrics.port))) }}
+{{- fail "emulator.port must differ from probes.port and metrics.port: the sidecar emulator shares the operator pod's ports" }}
 {{- end }}
 {{- end }}
 
