@@ -28,8 +28,15 @@ from anthropic import AsyncAnthropic
 import environments_operator.handlers  # noqa: F401  (registers the operator's handlers on kopf's default registry)
 from environments_operator.emulator.server import EmulatorServer
 from environments_operator.handlers.startup import apply_kopf_settings
-from tests.harness.emulator import API_KEY, api_client
-from tests.harness.kube import ENVIRONMENTS, EVENTS, SECRETS, Kube
+from tests.harness.emulator import (
+    API_KEY,
+    SelfHostedEnvironment,
+    api_client,
+    enqueue_sessions,
+    self_hosted_environment,
+)
+from tests.harness.kube import DEFAULT_RESOURCES, ENVIRONMENTS, EVENTS, PODS, SECRETS, WORKERPOOLS, Kube
+from tests.harness.kubelet import Kubelet
 from tests.harness.operator import OperatorRunner, run_operator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,6 +44,23 @@ ENVIRONMENTS_CRD: dict[str, Any] = yaml.safe_load((ROOT / "crds" / "environments
 NAMESPACE = "ns"
 # A second key the emulator accepts: the one a test puts into a Secret for spec.apiKeySecretRef.
 SECRET_API_KEY = "sk-ant-api03-secret-ref-test-key"
+
+
+def object_events(kube: Kube, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of every Event about the object ``name``."""
+    return [(e.get("type", ""), e.get("reason", ""), e.get("message", ""))
+            for e in kube.list(EVENTS, namespace)
+            if (e.get("involvedObject") or {}).get("name") == name]
+
+
+async def wait_for_event(kube: Kube, namespace: str, name: str, reason: str,
+                         timeout: float = 10.0) -> tuple[str, str, str]:
+    found = await kube.wait_until(
+        lambda: next((e for e in object_events(kube, namespace, name) if e[1] == reason), None),
+        timeout=timeout,
+        message=lambda: f"event {reason} for {name}; seen: {object_events(kube, namespace, name)}")
+    assert found is not None
+    return found
 
 
 @dataclass
@@ -154,16 +178,10 @@ class EnvironmentWorld:
         return [r for r in self.requests if r.method == method and r.path.endswith(path_suffix)]
 
     def events(self, name: str) -> list[tuple[str, str, str]]:
-        return [(e.get("type", ""), e.get("reason", ""), e.get("message", ""))
-                for e in self.kube.list(EVENTS, self.namespace)
-                if (e.get("involvedObject") or {}).get("name") == name]
+        return object_events(self.kube, self.namespace, name)
 
     async def wait_event(self, name: str, reason: str, timeout: float = 10.0) -> tuple[str, str, str]:
-        found = await self.kube.wait_until(
-            lambda: next((e for e in self.events(name) if e[1] == reason), None), timeout=timeout,
-            message=lambda: f"event {reason} for {name}; seen: {self.events(name)}")
-        assert found is not None
-        return found
+        return await wait_for_event(self.kube, self.namespace, name, reason, timeout)
 
     async def fault(self, *rules: dict[str, Any]) -> None:
         """Inject faults through the emulator's own HTTP route, as an operator of the emulator would."""
@@ -233,10 +251,6 @@ async def environment_world(kube: Kube, monkeypatch: pytest.MonkeyPatch, caplog:
 # Secret, the shipped operator with short timeouts, and the harness kubelet. At teardown: every stored
 # WorkerPool and Environment is storable as is, and the environment key appears in no object stored in
 # the fake apiserver (pods, Secrets, Events, WorkerPools, ...) and in no log line.
-
-from tests.harness.emulator import SelfHostedEnvironment, enqueue_sessions, self_hosted_environment  # noqa: E402
-from tests.harness.kube import DEFAULT_RESOURCES, PODS, WORKERPOOLS  # noqa: E402
-from tests.harness.kubelet import Kubelet  # noqa: E402
 
 WORKERPOOLS_CRD: dict[str, Any] = yaml.safe_load((ROOT / "crds" / "workerpools.managedagents.dev.yaml").read_text())
 WORKER_IMAGE = "registry.example/worker:e2e"
@@ -330,16 +344,10 @@ class WorkerPoolWorld:
         return found
 
     def events(self, name: str = "pool") -> list[tuple[str, str, str]]:
-        return [(e.get("type", ""), e.get("reason", ""), e.get("message", ""))
-                for e in self.kube.list(EVENTS, self.namespace)
-                if (e.get("involvedObject") or {}).get("name") == name]
+        return object_events(self.kube, self.namespace, name)
 
     async def wait_event(self, reason: str, name: str = "pool", timeout: float = 10.0) -> tuple[str, str, str]:
-        found = await self.kube.wait_until(
-            lambda: next((e for e in self.events(name) if e[1] == reason), None), timeout=timeout,
-            message=lambda: f"event {reason} for {name}; seen: {self.events(name)}")
-        assert found is not None
-        return found
+        return await wait_for_event(self.kube, self.namespace, name, reason, timeout)
 
     def leaked(self) -> list[str]:
         """Where a credential turned up where it must not be.
