@@ -359,14 +359,12 @@ class PoolDispatcher:
                 yield from store
 
     def occupied(self) -> int:
-        now = self.now()
-        visible = {view.work_id for view in self.views()}
+        now, views = self.now(), self.views()
+        visible = {view.work_id for view in views}
         for work_id, created_at in list(self.created.items()):
             if work_id in visible or now - created_at > CREATED_POD_VISIBLE_WITHIN_SECONDS:
                 del self.created[work_id]
-        return dispatch.occupied_slots(
-            dispatch.unfinished_work_ids(self.views()), self.dispatching | set(self.created)
-        )
+        return dispatch.occupied_slots(dispatch.unfinished_work_ids(views), self.dispatching | set(self.created))
 
     async def _lifecycle(self, views: list[WorkerPodView]) -> None:
         spec = self.spec
