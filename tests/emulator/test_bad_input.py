@@ -382,6 +382,122 @@ CASES = [
         status=404,
         message="not found",
     ),
+    # scripted agents
+    Case("agent unknown field", "POST", "/_emulator/agents", {"steps": []}, message="steps: unknown field"),
+    Case("agent script not array", "POST", "/_emulator/agents", {"script": {}}, message="script: expected an array"),
+    Case(
+        "agent step not object", "POST", "/_emulator/agents", {"script": ["bash"]},
+        message="script[0]: expected an object",
+    ),
+    Case(
+        "agent unknown tool", "POST", "/_emulator/agents", {"script": [{"tool": "browser", "input": {}}]},
+        message="script[0].tool: expected one of bash, read, write, edit, glob, grep",
+    ),
+    Case(
+        "agent step unknown field", "POST", "/_emulator/agents",
+        {"script": [{"tool": "bash", "input": {}, "timeout": 5}]}, message="script[0].timeout: unknown field",
+    ),
+    Case(
+        "agent input not object", "POST", "/_emulator/agents", {"script": [{"tool": "bash", "input": "ls"}]},
+        message="script[0].input: expected an object",
+    ),
+    Case(
+        "agent unknown permission", "POST", "/_emulator/agents",
+        {"script": [{"tool": "bash", "input": {}, "permission": "maybe"}]}, message="script[0].permission",
+    ),
+    Case("agent reply not string", "POST", "/_emulator/agents", {"reply": 3}, message="reply: expected a string"),
+    Case("agent with environment key", "POST", "/_emulator/agents", {}, credential=ENV, status=403),
+    # session events: send
+    Case(
+        "events of unknown session", "POST", "/v1/sessions/session_000000000000000000000000/events",
+        {"events": [{"type": "user.message", "content": []}]}, status=404, message="not found",
+    ),
+    Case("events missing", "POST", "/v1/sessions/{session}/events", {}, message="events: required"),
+    Case("events empty", "POST", "/v1/sessions/{session}/events", {"events": []}, message="events: required"),
+    Case(
+        "events unknown field", "POST", "/v1/sessions/{session}/events", {"events": [], "stream": True},
+        message="stream: unknown field",
+    ),
+    Case(
+        "event of the server's kind", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "agent.message", "content": []}]}, message="events[0].type: expected one of",
+    ),
+    Case(
+        "message without content", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.message"}]}, message="events[0].content: required",
+    ),
+    Case(
+        "message block of unknown type", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.message", "content": [{"type": "video"}]}]},
+        message="events[0].content[0].type",
+    ),
+    Case(
+        "message then bad event", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.message", "content": []}, {"type": "user.interrupt"}]},
+        message="events[1].type",
+    ),
+    Case(
+        "result for unknown tool_use", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_result", "tool_use_id": "sevt_000000000000000000000000"}]},
+        message="no agent.tool_use event",
+    ),
+    Case(
+        "second result for a tool_use", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_result", "tool_use_id": "{answered}"}]}, message="already has its result",
+    ),
+    Case(
+        "result before confirmation", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_result", "tool_use_id": "{asking}"}]},
+        message="waits for a user.tool_confirmation",
+    ),
+    Case(
+        "result unknown field", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_result", "tool_use_id": "{asking}", "output": "x"}]},
+        message="events[0].output: unknown field",
+    ),
+    Case(
+        "confirmation of an answered call", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_confirmation", "tool_use_id": "{answered}", "result": "allow"}]},
+        message="already has its result",
+    ),
+    Case(
+        "confirmation with unknown verdict", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_confirmation", "tool_use_id": "{asking}", "result": "maybe"}]},
+        message="events[0].result",
+    ),
+    Case(
+        "deny message on allow", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_confirmation", "tool_use_id": "{asking}", "result": "allow",
+                     "deny_message": "no"}]},
+        message="deny_message: only allowed when result is 'deny'",
+    ),
+    Case(
+        "two answers in one request", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.tool_confirmation", "tool_use_id": "{asking}", "result": "allow"},
+                    {"type": "user.tool_confirmation", "tool_use_id": "{asking}", "result": "allow"}]},
+        message="send one tool result or confirmation per request",
+    ),
+    Case(
+        "events without credential", "POST", "/v1/sessions/{session}/events",
+        {"events": [{"type": "user.message", "content": []}]}, credential=NONE, status=401,
+    ),
+    Case(
+        "events with another environment's key", "POST", "/v1/sessions/{cloud_session}/events",
+        {"events": [{"type": "user.message", "content": []}]}, credential=ENV, status=403,
+    ),
+    # session events: list and stream
+    Case("events limit 0", "GET", "/v1/sessions/{session}/events?limit=0", message="limit: must be between 1"),
+    Case("events limit too large", "GET", "/v1/sessions/{session}/events?limit=1001", message="limit"),
+    Case("events order", "GET", "/v1/sessions/{session}/events?order=sideways", message="order: expected"),
+    Case(
+        "events time bound", "GET", "/v1/sessions/{session}/events?created_at[gt]=yesterday",
+        message="created_at[gt]: expected an RFC 3339 timestamp",
+    ),
+    Case("events foreign cursor", "GET", "/v1/sessions/{session}/events?page=abc", message="page:"),
+    Case(
+        "stream of unknown session", "GET", "/v1/sessions/session_000000000000000000000000/events/stream",
+        status=404, message="not found",
+    ),
 ]
 
 
@@ -400,7 +516,19 @@ async def world() -> AsyncIterator[World]:
         cloud = emulator.state.create_environment({"name": "cloud"})
         queued, stopped = enqueue_sessions(emulator, pool.id, count=2)
         emulator.state.stop(pool.id, stopped.id, force=True)
-        ids = {"pool": pool.id, "cloud": cloud.id, "work": queued.id, "stopped": stopped.id}
+        # A scripted session whose first call is answered and whose second waits for a confirmation.
+        agent = emulator.state.create_agent(
+            {"script": [{"tool": "bash", "input": {"command": "true"}}, {"tool": "bash", "permission": "ask"}]}
+        )
+        session, _ = emulator.state.create_session({"agent": agent.id, "environment_id": pool.id})
+        answered = session.open_tool_use
+        assert answered is not None
+        emulator.state.send_events(session, {"events": [{"type": "user.tool_result", "tool_use_id": answered}]})
+        cloud_session, _ = emulator.state.create_session({"agent": agent.id, "environment_id": cloud.id})
+        ids = {
+            "pool": pool.id, "cloud": cloud.id, "work": queued.id, "stopped": stopped.id, "session": session.id,
+            "answered": answered, "asking": session.open_tool_use or "", "cloud_session": cloud_session.id,
+        }
         async with aiohttp.ClientSession(base_url=emulator.base_url) as http:
             yield World(emulator, http, ids, pool.key)
 
@@ -410,6 +538,8 @@ def fill(template: object, ids: dict[str, str]) -> object:
         return template.format(**ids)
     if isinstance(template, dict):
         return {key: fill(value, ids) for key, value in template.items()}
+    if isinstance(template, list):
+        return [fill(value, ids) for value in template]
     return template
 
 

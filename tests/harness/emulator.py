@@ -144,6 +144,8 @@ def snapshot(emulator: EmulatorServer) -> dict[str, Any]:
             for work_id, item in state.work.items()
         },
         "sessions": {session_id: session.to_api() for session_id, session in state.sessions.items()},
+        "session_events": {session_id: list(session.events) for session_id, session in state.sessions.items()},
+        "agents": dict(state.agents),
         "environment_keys": dict(state.environment_keys),
         "faults": [rule.to_api() for rule in emulator.faults.rules],
     }

@@ -2,8 +2,9 @@
 
 It serves every endpoint of the Environments API reference (environments CRUD, archive, list; the
 work queue: poll, ack, heartbeat, stop, list, retrieve, update, stats), plus ``POST /v1/sessions``
-(and ``GET /v1/sessions/{id}``) to put work on the queue, and emulator-only routes under the reserved
-prefix ``/_emulator/``: ``POST /_emulator/environments/{id}/environment-key`` and
+(and ``GET /v1/sessions/{id}``) to put work on the queue, the session events a worker's tool runner
+reads and answers (``sessions.events`` list, stream and send), and emulator-only routes under the
+reserved prefix ``/_emulator/``: ``POST /_emulator/agents``, ``POST /_emulator/environments/{id}/environment-key`` and
 ``GET``/``POST``/``DELETE /_emulator/faults`` (the rule format is in ``faults``). The semantics live
 in ``state``; this module maps HTTP onto them, checks credentials, applies faults, and renders every
 failure in the Anthropic error shape. ``EmulatorServer`` runs it inside an existing asyncio loop.
@@ -61,6 +62,24 @@ Sessions
   - ``POST /v1/sessions`` takes ``agent`` (an ID string or ``{"type": "agent", "id": ...}``) and
     ``environment_id``; unknown environment: 404 ``environment_not_found``. A self_hosted
     environment gets a work item ``{"type": "session", "id": ...}``; a cloud one gets none.
+    ``initial_events`` may hold ``user.message`` events, logged before the first turn.
+  - A session starts playing its first turn when it is created (``sessions`` has the turn's shape).
+    ``POST /_emulator/agents`` (API key) creates a scripted agent; an agent ID never created there
+    plays an empty script.
+  - Events: ``GET .../events`` lists oldest first (``order=desc`` newest first), ``limit`` 1..1000
+    (default 100; ``events_page_cap`` may cap a page lower), ``types[]`` and ``created_at[gt|gte|lt|lte]``
+    filter. ``GET .../events/stream`` sends server-sent events named by their type, only those
+    logged after it attached (the SDK's runner reads the history with ``list``), a ``ping`` every 15 s,
+    and ends on emulator shutdown. A fault rule ``when: after`` on ``sessions.events.stream`` cuts an
+    open stream right after its first event (``drop``) or ends it with an ``error`` event.
+  - ``POST .../events`` takes ``user.message``, ``user.tool_result`` and ``user.tool_confirmation``;
+    every event of a request is checked before any is applied. A result or confirmation must name the
+    tool_use the turn waits on; one that is unknown, already answered or not waiting is a 400 (not a
+    409, which the SDK's runner would retry for the whole lease), and one request answers at most
+    one tool_use. A ``user.message`` during a turn is played after it; one to a session none of whose
+    work items is queued or held any more also queues a new work item.
+  - Session routes take an API key, the environment key of the session's environment, or the sessions
+    token of one of the session's own work items.
 Requests
   - Bodies over ``max_body_bytes`` (1 MiB), invalid JSON, non-object bodies, wrong types and unknown
     fields are a 400 naming the field; unknown paths 404; wrong methods 405; never a 500. Operations
@@ -81,15 +100,23 @@ from aiohttp import web
 
 from environments_operator.emulator.errors import ApiError, error_type_for, invalid_request, unauthenticated
 from environments_operator.emulator.faults import FaultInjector, FaultRule
+from environments_operator.emulator.sessions import (
+    PING_FRAME,
+    STREAM_CLOSED,
+    Session,
+    api_error_frame,
+    stream_frame,
+)
 from environments_operator.emulator.state import (
     DEFAULT_LEASE_TTL_SECONDS,
+    MAX_EVENTS_PAGE_LIMIT,
     MAX_PAGE_LIMIT,
     Clock,
     Credential,
     EmulatorState,
     WorkItem,
 )
-from environments_operator.emulator.validation import expect_object, json_type, query_bool, query_int
+from environments_operator.emulator.validation import expect_object, json_type, query_bool, query_int, query_time
 
 log = logging.getLogger("environments_operator.emulator")
 
@@ -101,6 +128,13 @@ MAX_DESIRED_TTL_SECONDS = 2**31 - 1
 STATE_KEY = web.AppKey("state", EmulatorState)
 FAULTS_KEY = web.AppKey("faults", FaultInjector)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+# The fault rule that is to cut a stream, set by the fault middleware for the streaming handler.
+STREAM_CUT_KEY = web.RequestKey("stream_cut", FaultRule)
+# A quiet stream sends a ping this often, as the real API's streams do, so that proxies and clients
+# see a live connection.
+STREAM_PING_SECONDS = 15.0
+EVENT_TYPES_QUERY = ("types", "types[]")
+CREATED_AT_BOUNDS = ("gt", "gte", "lt", "lte")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -125,7 +159,13 @@ API_ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("POST", WORK + "/stop", "work.stop", "stop_work"),
     ("POST", "/v1/sessions", "sessions.create", "create_session"),
     ("GET", "/v1/sessions/{session_id}", "sessions.retrieve", "retrieve_session"),
+    ("GET", "/v1/sessions/{session_id}/events", "sessions.events.list", "list_session_events"),
+    ("POST", "/v1/sessions/{session_id}/events", "sessions.events.send", "send_session_events"),
+    ("GET", "/v1/sessions/{session_id}/events/stream", "sessions.events.stream", "stream_session_events"),
 )
+# Routes that answer with a server-sent event stream: a fault ``when: after`` cuts the stream after
+# its first event, instead of replacing a response that has long been sent.
+STREAMING_ROUTES = frozenset({"sessions.events.stream"})
 EMULATOR_ROUTES: tuple[tuple[str, str, str, str], ...] = (
     (
         "POST",
@@ -133,6 +173,7 @@ EMULATOR_ROUTES: tuple[tuple[str, str, str, str], ...] = (
         "emulator.environment_key",
         "issue_environment_key",
     ),
+    ("POST", "/_emulator/agents", "emulator.agents.create", "create_agent"),
     ("GET", "/_emulator/faults", "emulator.faults.list", "list_faults"),
     ("POST", "/_emulator/faults", "emulator.faults.add", "add_faults"),
     ("DELETE", "/_emulator/faults", "emulator.faults.clear", "clear_faults"),
@@ -343,11 +384,72 @@ class Handlers:
         session, _ = self.state.create_session(body)
         return _json(session.to_api())
 
-    async def retrieve_session(self, request: web.Request) -> web.Response:
+    def _session_caller(self, request: web.Request) -> Session:
         credential = self.state.classify(credential_value(request))
         session = self.state.get_session(request.match_info["session_id"])
         self.state.authorize_session(credential, session)
-        return _json(session.to_api())
+        return session
+
+    async def retrieve_session(self, request: web.Request) -> web.Response:
+        return _json(self._session_caller(request).to_api())
+
+    async def list_session_events(self, request: web.Request) -> web.Response:
+        session = self._session_caller(request)
+        limit = query_int(request.query, "limit", minimum=1, maximum=MAX_EVENTS_PAGE_LIMIT)
+        order = request.query.get("order")
+        if order not in (None, "asc", "desc"):
+            raise invalid_request(f"order: expected 'asc' or 'desc', got {order!r}")
+        # The SDK sends a list as ``types[]=a&types[]=b``; plain ``types=a,b`` is taken too.
+        given = [value for key in EVENT_TYPES_QUERY for value in request.query.getall(key, [])]
+        types = [kind for value in given for kind in value.split(",") if kind]
+        bounds = {bound: query_time(request.query, f"created_at[{bound}]") for bound in CREATED_AT_BOUNDS}
+        events, next_page = self.state.list_events(
+            session,
+            limit=limit,
+            page=request.query.get("page") or None,
+            order=order,
+            types=types,
+            bounds={bound: moment for bound, moment in bounds.items() if moment is not None},
+        )
+        return _page(events, next_page)
+
+    async def send_session_events(self, request: web.Request) -> web.Response:
+        session = self._session_caller(request)
+        return _json({"data": self.state.send_events(session, await read_body(request))})
+
+    async def stream_session_events(self, request: web.Request) -> web.StreamResponse:
+        """Live events of the session from the moment of attaching; the history is ``events.list``'s."""
+        session = self._session_caller(request)
+        cut: FaultRule | None = request.get(STREAM_CUT_KEY)
+        player = self.state.player
+        subscription = player.subscribe(session)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            while not self.state.closing:
+                try:
+                    event = await asyncio.wait_for(subscription.get(), STREAM_PING_SECONDS)
+                except TimeoutError:
+                    await response.write(PING_FRAME)
+                    continue
+                if event is STREAM_CLOSED:
+                    break
+                await response.write(stream_frame(event))
+                if cut is not None:
+                    log.info("injecting fault %s (%s) on an open event stream", cut.id, cut.effect)
+                    if cut.effect == "drop":
+                        _drop_connection(request)
+                        return response
+                    await response.write(api_error_frame(cut.api_error("sessions.events.stream")))
+                    break
+                if event["type"] in ("session.status_terminated", "session.deleted"):
+                    break
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away; the stream has nobody to end for
+        finally:
+            player.unsubscribe(session, subscription)
+        return response
 
     # ----- emulator-only ----------------------------------------------------------------------------
 
@@ -356,6 +458,10 @@ class Handlers:
         await read_no_parameters(request, "environment-key")
         key = self.state.issue_environment_key(request.match_info["environment_id"])
         return _json({"environment_key": key})
+
+    async def create_agent(self, request: web.Request) -> web.Response:
+        _api_key(self.state, request)
+        return _json(self.state.create_agent(await read_body(request)).to_api())
 
     async def list_faults(self, request: web.Request) -> web.Response:
         _api_key(self.state, request)
@@ -417,6 +523,9 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
         await asyncio.sleep(plan.latency_ms / 1000)
     if plan.rule is not None and plan.rule.when == "before":
         return await _apply_fault(request, plan.rule, route)
+    if plan.rule is not None and route in STREAMING_ROUTES:
+        request[STREAM_CUT_KEY] = plan.rule
+        return await handler(request)
     try:
         response = await handler(request)
     except ApiError as error:
@@ -472,10 +581,16 @@ class EmulatorServer:
         default_lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         access_log: bool = False,
+        events_page_cap: int = MAX_EVENTS_PAGE_LIMIT,
     ) -> None:
         self.host = host
         self.port = port
-        self.state = EmulatorState(clock=clock, api_keys=api_keys, default_lease_ttl_seconds=default_lease_ttl_seconds)
+        self.state = EmulatorState(
+            clock=clock,
+            api_keys=api_keys,
+            default_lease_ttl_seconds=default_lease_ttl_seconds,
+            events_page_cap=events_page_cap,
+        )
         self.faults = load_faults(faults)
         self.app = build_app(self.state, self.faults, max_body_bytes=max_body_bytes)
         self._access_log = access_log

@@ -34,6 +34,7 @@ from environments_operator.emulator.errors import (
     not_found,
     unauthenticated,
 )
+from environments_operator.emulator.sessions import Event, ScriptedAgent, Session, SessionPlayer, parse_agent
 
 Clock = Callable[[], float]
 WorkState = Literal["queued", "starting", "active", "stopping", "stopped"]
@@ -53,6 +54,9 @@ WORKERS_POLLING_WINDOW_SECONDS = 30.0
 DEFAULT_PAGE_LIMIT = 20
 MAX_PAGE_LIMIT = 100
 DEFAULT_AGENT_MODEL = "claude-sonnet-4-5"
+DEFAULT_EVENTS_PAGE_LIMIT = 100
+# The SDK's session runner reads a session's history with limit=1000.
+MAX_EVENTS_PAGE_LIMIT = 1000
 
 T = TypeVar("T")
 
@@ -106,39 +110,6 @@ class Environment:
         if self.scope is not None:
             body["scope"] = self.scope
         return body
-
-
-@dataclass
-class Session:
-    id: str
-    environment_id: str
-    agent: dict[str, Any]
-    metadata: dict[str, str]
-    title: str | None
-    created_at: str
-    updated_at: str
-    status: str = "idle"
-
-    def to_api(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "session",
-            "agent": self.agent,
-            "archived_at": None,
-            "budget": None,
-            "created_at": self.created_at,
-            "deployment_id": None,
-            "environment_id": self.environment_id,
-            "metadata": dict(self.metadata),
-            "outcome_evaluations": [],
-            "resources": [],
-            "stats": {"active_seconds": 0.0, "duration_seconds": 0.0},
-            "status": self.status,
-            "title": self.title,
-            "updated_at": self.updated_at,
-            "usage": {},
-            "vault_ids": [],
-        }
 
 
 @dataclass
@@ -293,6 +264,18 @@ def decode_cursor(page: str) -> int:
         raise invalid_request(f"page: {page!r} is not a cursor this API returned; pass a next_page value") from None
 
 
+def _within(processed_at: str, bounds: Mapping[str, datetime]) -> bool:
+    """Whether an event's time passes the ``created_at[gt|gte|lt|lte]`` bounds of an events list."""
+    moment = datetime.fromisoformat(processed_at)
+    checks = {
+        "gt": lambda bound: moment > bound,
+        "gte": lambda bound: moment >= bound,
+        "lt": lambda bound: moment < bound,
+        "lte": lambda bound: moment <= bound,
+    }
+    return all(checks[operator](bound) for operator, bound in bounds.items())
+
+
 def paginate(
     newest_first: Iterable[T], seq_of: Callable[[T], int], *, limit: int | None, page: str | None
 ) -> tuple[list[T], str | None]:
@@ -323,6 +306,7 @@ class EmulatorState:
         default_lease_ttl_seconds: int = DEFAULT_LEASE_TTL_SECONDS,
         max_lease_ttl_seconds: int = MAX_LEASE_TTL_SECONDS,
         workers_polling_window_seconds: float = WORKERS_POLLING_WINDOW_SECONDS,
+        events_page_cap: int = MAX_EVENTS_PAGE_LIMIT,
     ) -> None:
         self.clock: Clock = clock or loop_time
         allowed = [key for key in (api_keys or ()) if key]
@@ -330,8 +314,13 @@ class EmulatorState:
         self.default_lease_ttl_seconds = default_lease_ttl_seconds
         self.max_lease_ttl_seconds = max_lease_ttl_seconds
         self.workers_polling_window_seconds = workers_polling_window_seconds
+        # A page of session events never holds more than this, whatever ``limit`` asks, as a server
+        # that caps its pages would do; tests lower it to make short histories span pages.
+        self.events_page_cap = events_page_cap
         self.environments: dict[str, Environment] = {}
         self.sessions: dict[str, Session] = {}
+        self.agents: dict[str, ScriptedAgent] = {}
+        self.player = SessionPlayer(new_event_id=lambda: new_id("sevt_"), timestamp=self.timestamp)
         self.work: dict[str, WorkItem] = {}
         self.environment_keys: dict[str, str] = {}  # key -> environment id
         self.sessions_tokens: dict[str, str] = {}  # token -> work id
@@ -504,6 +493,7 @@ class EmulatorState:
                 f"environment_id: environment {environment_id} is archived and cannot take new sessions"
             )
         now = self.timestamp()
+        scripted = self.agents.get(agent["id"])
         session = Session(
             id=new_id("session_"),
             environment_id=environment_id,
@@ -512,10 +502,90 @@ class EmulatorState:
             title=title,
             created_at=now,
             updated_at=now,
+            script=scripted.script if scripted is not None else (),
+            reply=scripted.reply if scripted is not None else "",
         )
+        initial = self._initial_messages(session, body.get("initial_events"))
         self.sessions[session.id] = session
         item = self.enqueue_work(session) if environment.config["type"] == "self_hosted" else None
+        for message in initial:
+            self.player.emit(session, message["type"], content=message["content"])
+        # The session starts on its first turn, as one created with a first message would.
+        self.player.start_turn(session)
         return session, item
+
+    def _initial_messages(self, session: Session, value: object) -> list[Event]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise invalid_request(f"initial_events: expected an array of events, got {validation.json_type(value)}")
+        messages = []
+        for index, entry in enumerate(value):
+            where = f"initial_events[{index}]"
+            if not isinstance(entry, dict) or entry.get("type") != "user.message":
+                raise invalid_request(f"{where}.type: the emulator takes only user.message initial events")
+            messages.append(self.player.check_sendable(session, entry, where))
+        return messages
+
+    # ----- scripted agents and session events -------------------------------------------------------
+
+    def create_agent(self, body: Mapping[str, Any]) -> ScriptedAgent:
+        name, script, reply = parse_agent(body)
+        agent_id = new_id("agent_")
+        agent = ScriptedAgent(id=agent_id, name=name or agent_id, script=script, reply=reply)
+        self.agents[agent.id] = agent
+        return agent
+
+    def send_events(self, session: Session, body: Mapping[str, Any]) -> list[Event]:
+        """Apply what a client sends (``sessions.events.send``): all of it, or none of it with a 4xx."""
+        validation.reject_unknown_fields(body, ("events",), "")
+        events = body.get("events")
+        if not isinstance(events, list) or not events:
+            raise invalid_request("events: required, a non-empty array of events")
+        checked = [self.player.check_sendable(session, event, f"events[{index}]") for index, event in enumerate(events)]
+        self.player.reject_several_answers(checked)
+        stored = [self.player.apply_sent(session, event) for event in checked]
+        if any(event["type"] == "user.message" for event in checked) and not self._held(session):
+            # "Work is queued when long-dormant sessions receive new messages."
+            if self.environments[session.environment_id].config["type"] == "self_hosted":
+                self.enqueue_work(session)
+        return stored
+
+    def _held(self, session: Session) -> bool:
+        """Whether a work item of the session is still queued or held by a worker."""
+        return any(item.session_id == session.id and item.state != "stopped" for item in self.work.values())
+
+    def list_events(
+        self,
+        session: Session,
+        *,
+        limit: int | None,
+        page: str | None,
+        order: str | None,
+        types: Sequence[str],
+        bounds: Mapping[str, datetime],
+    ) -> tuple[list[Event], str | None]:
+        """One page of the session's events in ``order`` (``asc`` by default), filtered by type and time."""
+        positions: Iterable[int] = range(len(session.events))
+        if order == "desc":
+            positions = reversed(range(len(session.events)))
+        after = decode_cursor(page) if page else None
+        size = min(limit or DEFAULT_EVENTS_PAGE_LIMIT, self.events_page_cap)
+        selected: list[Event] = []
+        last_position = -1
+        for position in positions:
+            if after is not None and (position <= after if order != "desc" else position >= after):
+                continue
+            event = session.events[position]
+            if types and event["type"] not in types:
+                continue
+            if not _within(event["processed_at"], bounds):
+                continue
+            if len(selected) == size:
+                return selected, encode_cursor(last_position)
+            selected.append(event)
+            last_position = position
+        return selected, None
 
     @staticmethod
     def _agent_snapshot(value: object) -> dict[str, Any]:
@@ -822,7 +892,7 @@ class EmulatorState:
         self.authorize_environment(credential, environment_id)
 
     def authorize_session(self, credential: Credential, session: Session) -> None:
-        """Session retrieval: an API key, the environment's key, or the token of one of its work items."""
+        """Session retrieval and events: an API key, the environment's key, or the token of one of its items."""
         if credential.kind == "api_key":
             return
         if credential.environment_id != session.environment_id:
@@ -835,6 +905,8 @@ class EmulatorState:
         self.closing = True
         for environment in self.environments.values():
             environment.queue.wake_all()
+        for session in self.sessions.values():
+            self.player.close_streams(session)
         for item in self.work.values():
             if item.lease_timer is not None:
                 item.lease_timer.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from environments_operator.emulator.errors import ApiError, invalid_request
@@ -296,3 +297,15 @@ def query_bool(query: Mapping[str, str], name: str) -> bool | None:
     if lowered == "false":
         return False
     raise invalid_request(f"{name}: expected 'true' or 'false', got {raw!r}")
+
+
+def query_time(query: Mapping[str, str], name: str) -> datetime | None:
+    """An optional RFC 3339 timestamp query parameter; one without a zone is taken as UTC."""
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise invalid_request(f"{name}: expected an RFC 3339 timestamp, got {raw!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
