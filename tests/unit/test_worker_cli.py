@@ -10,21 +10,14 @@ import argparse
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
 from environments_operator import cli
-from environments_operator.emulator.server import EmulatorServer
 from environments_operator.worker import worker_options
-from tests.harness.emulator import (
-    SelfHostedEnvironment,
-    enqueue_sessions,
-    environment_client,
-    running_emulator,
-    self_hosted_environment,
-)
+from tests.harness.emulator import enqueue_sessions, running_emulator, self_hosted_environment
+from tests.harness.sessions import claim, start_worker
 
 CONTRACT = ("ANTHROPIC_WORK_ID", "ANTHROPIC_ENVIRONMENT_ID", "ANTHROPIC_SESSION_ID", "ANTHROPIC_WORK_SECRET")
 
@@ -54,33 +47,30 @@ class TestContractChecks:
         from environments_operator.worker import add_arguments
 
         add_arguments(parser)
-        assert worker_options(parser.parse_args(["--workdir", "/w", "--max-idle", "2.5"])) == {
+        assert worker_options(parser.parse_args(["--workdir", "/w", "--max-idle", "2.5"]), {}) == {
             "workdir": "/w", "max_idle": 2.5}
-        assert worker_options(parser.parse_args([])) == {}
+        # Unset: the current directory (the image's /workspace) and the SDK's own idle default.
+        assert worker_options(parser.parse_args([]), {}) == {"workdir": os.getcwd()}
 
+    def test_max_idle_comes_from_the_pool_through_the_environment(self) -> None:
+        parser = argparse.ArgumentParser()
+        from environments_operator.worker import MAX_IDLE_VARIABLE, add_arguments
 
-async def claim(emulator: EmulatorServer, pool: SelfHostedEnvironment) -> dict[str, str]:
-    """Claim and acknowledge one item as the operator does; returns the pod's contract variables."""
-    async with environment_client(emulator, pool) as client:
-        work = client.beta.environments.work
-        item = await work.poll(pool.id, block_ms=100)
-        assert item is not None and item.secret
-        await work.ack(item.id, environment_id=pool.id)
-    return {
-        "ANTHROPIC_WORK_ID": item.id,
-        "ANTHROPIC_ENVIRONMENT_ID": pool.id,
-        "ANTHROPIC_SESSION_ID": item.data.id,
-        "ANTHROPIC_WORK_SECRET": item.secret,
-        "ANTHROPIC_BASE_URL": emulator.base_url,
-    }
+        add_arguments(parser)
+        assert worker_options(parser.parse_args([]), {MAX_IDLE_VARIABLE: "5"})["max_idle"] == 5.0
+        # The flag wins over the pool's setting.
+        assert worker_options(parser.parse_args(["--max-idle", "1"]), {MAX_IDLE_VARIABLE: "5"})["max_idle"] == 1.0
+        with pytest.raises(ValueError, match=MAX_IDLE_VARIABLE):
+            worker_options(parser.parse_args([]), {MAX_IDLE_VARIABLE: "soon"})
 
-
-async def start_worker(contract: dict[str, str], workdir: Path) -> asyncio.subprocess.Process:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "environments_operator", "worker", "--workdir", str(workdir), "--max-idle", "1",
-        env={**environment, **contract}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
+    def test_a_workdir_that_is_not_writable_is_a_contract_error(
+        self, tmp_path: Path, clean_environment: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        for name in CONTRACT:
+            monkeypatch.setenv(name, "value-sentinel")
+        assert cli.main(["worker", "--workdir", str(tmp_path / "absent")]) == 2
+        assert "does not exist" in capsys.readouterr().err
 
 
 class TestServing:
@@ -91,12 +81,11 @@ class TestServing:
             # A session that has already ended: the SDK worker then has nothing to run and stops the item.
             emulator.state.sessions[queued.session_id].status = "terminated"
             contract = await claim(emulator, pool)
-            process = await start_worker(contract, tmp_path)
-            _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-            assert process.returncode == 0, stderr.decode()
+            worker = await (await start_worker(contract, tmp_path, max_idle=1)).finish()
+            assert worker.returncode == 0, worker.stderr
             assert emulator.state.work[queued.id].state == "stopped"
-            assert contract["ANTHROPIC_WORK_SECRET"] not in stderr.decode()
-            assert pool.key not in stderr.decode()
+            assert contract["ANTHROPIC_WORK_SECRET"] not in worker.stderr
+            assert pool.key not in worker.stderr
 
     async def test_sigterm_ends_the_run_gracefully_and_stops_the_item(self, tmp_path: Path) -> None:
         async with running_emulator(default_lease_ttl_seconds=2) as emulator:
@@ -106,11 +95,11 @@ class TestServing:
             # short, because the emulator waits for the slow request before it shuts down.
             emulator.faults.add({"faults": [{"route": "sessions.retrieve", "effect": "latency", "latency_ms": 3_000}]})
             contract = await claim(emulator, pool)
-            process = await start_worker(contract, tmp_path)
+            worker = await start_worker(contract, tmp_path, max_idle=1)
             async with asyncio.timeout(30):
                 while emulator.state.work[queued.id].state != "active":
                     await asyncio.sleep(0.05)
-            process.send_signal(signal.SIGTERM)
-            _, stderr = await asyncio.wait_for(process.communicate(), timeout=20)
-            assert process.returncode == 143, stderr.decode()
+            worker.process.send_signal(signal.SIGTERM)
+            await worker.finish(timeout=20)
+            assert worker.returncode == 143, worker.stderr
             assert emulator.state.work[queued.id].state == "stopped"
