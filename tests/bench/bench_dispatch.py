@@ -164,7 +164,7 @@ async def reference_loop(base_url: str, environment_id: str, environment_key: st
                                       secret=item.secret)
                 await kube.create_if_absent("Secret", NAMESPACE, build_work_secret(pool, work))
                 await kube.create_if_absent("Pod", NAMESPACE, build_worker_pod(
-                    pool, work, template={}, default_image=WORKER_IMAGE, base_url=base_url))
+                    pool, work, template={}, default_image=WORKER_IMAGE, base_url=base_url, max_idle_seconds=60))
                 dispatched += 1
     kube.close()
 

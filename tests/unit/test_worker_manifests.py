@@ -16,6 +16,7 @@ import pytest
 
 from environments_operator.domain.worker_manifests import (
     ANNOTATION_WORK_ID,
+    ENV_MAX_IDLE,
     LABEL_MANAGED_BY,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
@@ -29,6 +30,7 @@ from environments_operator.domain.worker_manifests import (
     work_secret_name,
     worker_pod_name,
 )
+from environments_operator.worker import MAX_IDLE_VARIABLE
 
 K8S_VERSION = kubernetes_validate.latest_version()
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -44,8 +46,11 @@ def validate(manifest: dict[str, Any]) -> None:
     kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
-def pod(template: dict[str, Any] | None = None, *, base_url: str | None = "http://api.test") -> dict[str, Any]:
-    return build_worker_pod(POOL, WORK, template=template or {}, default_image=IMAGE, base_url=base_url)
+def pod(
+    template: dict[str, Any] | None = None, *, base_url: str | None = "http://api.test", max_idle_seconds: int = 60
+) -> dict[str, Any]:
+    return build_worker_pod(POOL, WORK, template=template or {}, default_image=IMAGE, base_url=base_url,
+                            max_idle_seconds=max_idle_seconds)
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +119,7 @@ class TestWorkerPod:
         assert env["ANTHROPIC_WORK_SECRET"] == {
             "secretKeyRef": {"name": work_secret_name(WORK.work_id), "key": WORK_SECRET_KEY}
         }
+        assert env[ENV_MAX_IDLE] == "60"
         assert manifest["metadata"]["name"] == worker_pod_name(WORK.work_id)
         assert manifest["metadata"]["labels"] == {
             LABEL_WORKER_POOL: "sandboxes", LABEL_WORK_ID: WORK.work_id, LABEL_MANAGED_BY: "environments-operator",
@@ -122,6 +128,13 @@ class TestWorkerPod:
         (owner,) = manifest["metadata"]["ownerReferences"]
         assert owner == {"apiVersion": "managedagents.dev/v1alpha1", "kind": "WorkerPool", "name": "sandboxes",
                          "uid": POOL.uid, "controller": True, "blockOwnerDeletion": True}
+
+    def test_the_pools_max_idle_reaches_the_worker_and_a_template_cannot_override_it(self) -> None:
+        template = {"spec": {"containers": [{"name": "worker", "env": [{"name": ENV_MAX_IDLE, "value": "999"}]}]}}
+        (container,) = pod(template, max_idle_seconds=0)["spec"]["containers"]
+        assert [e["value"] for e in container["env"] if e["name"] == ENV_MAX_IDLE] == ["0"]
+        # The worker reads the very variable the operator sets.
+        assert ENV_MAX_IDLE == MAX_IDLE_VARIABLE
 
     def test_defaults_image_command_and_restricted_security(self) -> None:
         spec = pod()["spec"]

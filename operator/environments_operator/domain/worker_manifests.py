@@ -45,7 +45,9 @@ ENV_ENVIRONMENT_ID = "ANTHROPIC_ENVIRONMENT_ID"
 ENV_SESSION_ID = "ANTHROPIC_SESSION_ID"
 ENV_WORK_SECRET = "ANTHROPIC_WORK_SECRET"
 ENV_BASE_URL = "ANTHROPIC_BASE_URL"
-CONTRACT_ENV = (ENV_WORK_ID, ENV_ENVIRONMENT_ID, ENV_SESSION_ID, ENV_WORK_SECRET, ENV_BASE_URL)
+# The pool's spec.maxIdleSeconds, read by `environments-operator worker` (worker.MAX_IDLE_VARIABLE).
+ENV_MAX_IDLE = "ENVIRONMENTS_OPERATOR_WORKER_MAX_IDLE_SECONDS"
+CONTRACT_ENV = (ENV_WORK_ID, ENV_ENVIRONMENT_ID, ENV_SESSION_ID, ENV_WORK_SECRET, ENV_BASE_URL, ENV_MAX_IDLE)
 
 # 80 bits of SHA-256: collisions among the items of one namespace are not a practical concern,
 # and the name stays short enough to read in `kubectl get pods`.
@@ -149,7 +151,7 @@ def build_work_secret(pool: PoolIdentity, work: WorkAssignment) -> JSON:
     }
 
 
-def _contract_env(work: WorkAssignment, base_url: str | None) -> list[JSON]:
+def _contract_env(work: WorkAssignment, base_url: str | None, max_idle_seconds: int) -> list[JSON]:
     env: list[JSON] = [
         {"name": ENV_WORK_ID, "value": work.work_id},
         {"name": ENV_ENVIRONMENT_ID, "value": work.environment_id},
@@ -161,6 +163,7 @@ def _contract_env(work: WorkAssignment, base_url: str | None) -> list[JSON]:
     ]
     if base_url:
         env.append({"name": ENV_BASE_URL, "value": base_url})
+    env.append({"name": ENV_MAX_IDLE, "value": str(max_idle_seconds)})
     return env
 
 
@@ -190,6 +193,7 @@ def build_worker_pod(
     template: Mapping[str, Any],
     default_image: str,
     base_url: str | None,
+    max_idle_seconds: int,
 ) -> JSON:
     """The worker Pod of one work item: the pool's pod template with the contract laid over it.
 
@@ -222,7 +226,7 @@ def build_worker_pod(
             worker["command"] = list(DEFAULT_WORKER_COMMAND)
     worker.setdefault("image", default_image)
     user_env = [e for e in worker.get("env") or [] if e.get("name") not in CONTRACT_ENV]
-    worker["env"] = [*user_env, *_contract_env(work, base_url)]
+    worker["env"] = [*user_env, *_contract_env(work, base_url, max_idle_seconds)]
     containers[worker_index] = worker
     spec["containers"] = [
         {**c, "securityContext": _with_defaults(c.get("securityContext"), _CONTAINER_SECURITY_DEFAULTS)}

@@ -43,6 +43,11 @@ class PollSettings(SpecModel):
     )
 
 
+# The SDK's own default (anthropic.lib.environments.DEFAULT_MAX_IDLE): a follow-up message within a minute
+# reuses the sandbox, at the cost of a pod slot held for that minute.
+DEFAULT_MAX_IDLE_SECONDS = 60
+
+
 class WorkerPoolSpec(SpecModel):
     model_config = SpecModel.model_config | {
         "json_schema_extra": cel(
@@ -87,6 +92,12 @@ class WorkerPoolSpec(SpecModel):
     ttlSecondsAfterFinished: int = Field(
         default=300, ge=0, le=604_800,
         description="Finished worker pods and their Secrets are deleted this long after they finish.",
+    )
+    maxIdleSeconds: int = Field(
+        default=DEFAULT_MAX_IDLE_SECONDS, ge=0, le=86_400,
+        description="How long a worker stays attached after its session's turn ends, so that a follow-up "
+        "message within that time is served by the same sandbox without a new work item; the pod holds its "
+        "slot of maxWorkers meanwhile. 0 ends the pod as soon as the turn ends. Default 60, the SDK's.",
     )
     poll: PollSettings = Field(
         default_factory=PollSettings,

@@ -571,7 +571,7 @@ class PoolDispatcher:
             kind = "Pod"
             pod_created = await self.kube.create_if_absent("Pod", self.namespace, build_worker_pod(
                 self.identity, work, template=spec.template, default_image=self.settings.worker_image,
-                base_url=self.settings.worker_base_url))
+                base_url=self.settings.worker_base_url, max_idle_seconds=spec.maxIdleSeconds))
         except KubeApiError as exc:
             if kind == "Pod" and secret_created:
                 await self._delete_quietly("Secret", work_secret_name(item.work_id))
