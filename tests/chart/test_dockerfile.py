@@ -193,6 +193,15 @@ def test_worker_toolset_finds_what_it_runs() -> None:
     runtime_runs = " ".join(RUNTIME.all("RUN"))
     assert re.search(r"\bripgrep=", runtime_runs), "ripgrep provides rg"
     assert "slim" in RUNTIME.base  # Debian slim images ship /bin/bash
+    assert re.search(r"\bgit=", runtime_runs), "git: what agents reach for first in a checkout"
+
+
+def test_the_workers_default_workdir_is_writable_by_the_image_user() -> None:
+    """``worker`` runs the tools in its working directory: the image's WORKDIR, made for its user."""
+    assert RUNTIME.all("WORKDIR")[-1] == "/workspace"
+    runtime_runs = " ".join(RUNTIME.all("RUN"))
+    assert "install -d -o 10001 -g 10001" in runtime_runs and "/workspace" in runtime_runs
+    assert RUNTIME.all("USER")[-1] == "10001:10001"
 
 
 def test_version_label_is_the_package_version() -> None:
