@@ -93,13 +93,14 @@ async def test_a_400_is_terminal_for_its_generation_and_a_new_generation_retries
 async def test_a_spec_the_api_refuses_leaves_every_other_resource_working(environment_world: EnvironmentWorld
                                                                          ) -> None:
     world = environment_world
-    world.create("bad", {"scope": "account", "config": {"type": "cloud"}})  # valid by the CRD, not by the API
+    # Valid by the CRD (up to 4096 characters), not by the emulator's API (up to 2048).
+    world.create("bad", {"description": "x" * 3000, "config": {"type": "cloud"}})
     for index in range(5):
         world.create(f"good-{index}", CLOUD)
     for index in range(5):
         await world.wait_ready(f"good-{index}", "Created")
     bad = await world.wait_condition("bad", "Ready", "False", "InvalidSpec")
-    assert ready_message(bad) == "scope: only applicable to self_hosted environments"
+    assert ready_message(bad) == "description: is 3000 characters long; the limit is 2048"
 
 
 async def test_a_429_is_retried_after_retry_after(environment_world: EnvironmentWorld) -> None:

@@ -133,11 +133,25 @@ CASES = [
         message="scope: unknown scope",
     ),
     Case(
-        "scope on cloud",
+        "unknown scope on cloud",
         "POST",
         "/v1/environments",
-        {"name": "x", "scope": "account"},
-        message="scope: only applicable to self_hosted",
+        {"name": "x", "config": {"type": "cloud"}, "scope": "galaxy"},
+        message="scope: unknown scope 'galaxy'",
+    ),
+    Case(
+        "scope wrong type",
+        "POST",
+        "/v1/environments",
+        {"name": "x", "scope": 1},
+        message="scope: expected 'organization' or 'account', got integer",
+    ),
+    Case(
+        "update unknown scope on cloud",
+        "POST",
+        "/v1/environments/{cloud}",
+        {"scope": "galaxy"},
+        message="scope: unknown scope 'galaxy'",
     ),
     Case(
         "change config type",

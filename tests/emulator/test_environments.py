@@ -8,7 +8,7 @@ from datetime import datetime
 import anthropic
 import pytest
 from anthropic import AsyncAnthropic
-from anthropic.types.beta import BetaCloudConfigParams
+from anthropic.types.beta import BetaCloudConfigParams, BetaSelfHostedConfigParams
 
 from environments_operator.emulator.server import EmulatorServer
 
@@ -20,6 +20,7 @@ ENVIRONMENT_KEYS = {
     "description",
     "metadata",
     "name",
+    "scope",
     "type",
     "updated_at",
 }
@@ -65,8 +66,9 @@ async def test_create_returns_the_documented_shape(api: AsyncAnthropic) -> None:
         "type": "cloud",
     }
     body = await raw_environment(api, environment.id)
-    # A cloud environment has no scope: exactly the documented required keys.
+    # The documented required keys plus scope, as the reference's example of a cloud environment shows.
     assert set(body) == ENVIRONMENT_KEYS
+    assert body["scope"] == "organization"
     for field in ("created_at", "updated_at"):
         assert RFC3339.match(str(body[field]))
         datetime.fromisoformat(str(body[field]))
@@ -83,12 +85,30 @@ async def test_defaults_cloud_unrestricted_without_config(api: AsyncAnthropic) -
     assert environment.metadata == {}
 
 
-async def test_self_hosted_has_a_default_scope(api: AsyncAnthropic) -> None:
-    environment = await api.beta.environments.create(name="pool", config={"type": "self_hosted"})
-    assert environment.config.type == "self_hosted"
+@pytest.mark.parametrize("environment_type", ["cloud", "self_hosted"])
+async def test_every_environment_has_a_default_scope(api: AsyncAnthropic, environment_type: str) -> None:
+    config: BetaCloudConfigParams | BetaSelfHostedConfigParams = (
+        {"type": "cloud"} if environment_type == "cloud" else {"type": "self_hosted"}
+    )
+    environment = await api.beta.environments.create(name="pool", config=config)
+    assert environment.config.type == environment_type
     assert environment.scope == "organization"
-    account = await api.beta.environments.create(name="mine", config={"type": "self_hosted"}, scope="account")
+    account = await api.beta.environments.create(name="mine", config=config, scope="account")
     assert account.scope == "account"
+
+
+async def test_cloud_environment_takes_a_scope_on_create_and_update(api: AsyncAnthropic) -> None:
+    created = await api.beta.environments.create(name="data", config=LIMITED, scope="account")
+    assert created.scope == "account"
+    assert (await api.beta.environments.retrieve(created.id)).scope == "account"
+    assert [environment.scope async for environment in api.beta.environments.list()] == ["account"]
+
+    updated = await api.beta.environments.update(created.id, scope="organization")
+    assert updated.scope == "organization"
+    # An update without scope keeps it.
+    renamed = await api.beta.environments.update(created.id, name="renamed")
+    assert (renamed.name, renamed.scope) == ("renamed", "organization")
+    assert (await api.beta.environments.retrieve(created.id)).scope == "organization"
 
 
 async def test_update_keeps_omitted_fields_and_deletes_null_or_empty_metadata(api: AsyncAnthropic) -> None:

@@ -31,8 +31,11 @@ Environments
   - A missing ``config`` means a cloud environment with unrestricted networking and no packages.
     On update, omitted or null fields keep their value (``networking`` fields merge into an
     existing limited policy); changing ``config.type`` is a 400.
-  - ``scope`` applies to self_hosted environments only (400 on cloud) and defaults to
-    ``organization``; cloud environments have no ``scope`` in responses.
+  - ``scope`` is accepted, stored and returned for cloud and self_hosted environments alike: the
+    reference's example responses show it on a cloud environment, and its remark that scope is "only
+    applicable for self-hosted environments" does not say it is refused. Every environment has one in
+    responses; it defaults to ``organization`` (as in those examples), and an update that omits it or
+    sends null keeps the stored value. An unknown value is a 400 naming ``scope``.
   - Limits: name 1..256 characters, description up to 2048, metadata up to 16 keys (key 1..64,
     value up to 512 characters). Unknown fields anywhere in a body are a 400.
   - Archive is idempotent (the first ``archived_at`` stays); an archived environment is read-only

@@ -57,6 +57,9 @@ DEFAULT_AGENT_MODEL = "claude-sonnet-4-5"
 DEFAULT_EVENTS_PAGE_LIMIT = 100
 # The SDK's session runner reads a session's history with limit=1000.
 MAX_EVENTS_PAGE_LIMIT = 1000
+# The reference defaults a missing scope "based on organization type", and its example responses show
+# "organization" on cloud and self_hosted environments alike; the emulator has one organization type.
+DEFAULT_SCOPE = "organization"
 
 T = TypeVar("T")
 
@@ -89,14 +92,14 @@ class Environment:
     description: str
     config: dict[str, Any]
     metadata: dict[str, str]
-    scope: str | None
+    scope: str
     created_at: str
     updated_at: str
     archived_at: str | None = None
     queue: WorkQueue = field(default_factory=lambda: WorkQueue())
 
     def to_api(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
+        return {
             "id": self.id,
             "archived_at": self.archived_at,
             "config": self.config,
@@ -104,12 +107,10 @@ class Environment:
             "description": self.description,
             "metadata": dict(self.metadata),
             "name": self.name,
+            "scope": self.scope,
             "type": "environment",
             "updated_at": self.updated_at,
         }
-        if self.scope is not None:
-            body["scope"] = self.scope
-        return body
 
 
 @dataclass
@@ -396,7 +397,7 @@ class EmulatorState:
         description = validation.optional_string(body, "description", "", max_length=validation.DESCRIPTION_MAX_LENGTH)
         config = validation.environment_config(body.get("config"), "config", None)
         metadata = validation.metadata(body.get("metadata"), "metadata")
-        scope = self._scope_for(config, body.get("scope"), current=None)
+        scope = validation.scope(body.get("scope"), "scope") or DEFAULT_SCOPE
         now = self.timestamp()
         environment = Environment(
             id=new_id("env_"),
@@ -412,15 +413,6 @@ class EmulatorState:
         self.environments[environment.id] = environment
         return environment
 
-    @staticmethod
-    def _scope_for(config: Mapping[str, Any], value: object, *, current: str | None) -> str | None:
-        scope = validation.scope(value, "scope")
-        if config["type"] != "self_hosted":
-            if scope is not None:
-                raise invalid_request("scope: only applicable to self_hosted environments")
-            return None
-        return scope or current or "organization"
-
     def update_environment(self, environment_id: str, body: Mapping[str, Any]) -> Environment:
         environment = self.get_environment(environment_id)
         validation.reject_unknown_fields(body, ("name", "config", "description", "metadata", "scope"), "")
@@ -433,7 +425,7 @@ class EmulatorState:
         if body.get("metadata") is not None:
             patch = validation.metadata_patch(body["metadata"], "metadata")
             metadata = validation.apply_metadata_patch(environment.metadata, patch, "metadata", empty_deletes=True)
-        scope = self._scope_for(config, body.get("scope"), current=environment.scope)
+        scope = validation.scope(body.get("scope"), "scope") or environment.scope
         # Everything is validated; only now change the environment.
         environment.name = name if name is not None else environment.name
         environment.description = description if description is not None else environment.description
