@@ -222,11 +222,11 @@ CASES = [
         message="reclaim_older_than_ms: must be between 0",
     ),
     Case(
-        "ttl zero",
+        "ttl fraction",
         "POST",
-        "/v1/environments/{pool}/work/{work}/heartbeat?desired_ttl_seconds=0",
+        "/v1/environments/{pool}/work/{work}/heartbeat?desired_ttl_seconds=1.5",
         credential=ENV,
-        message="desired_ttl_seconds: must be between 1",
+        message="desired_ttl_seconds: expected an integer",
     ),
     Case(
         "ttl not integer",

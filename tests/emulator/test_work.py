@@ -194,6 +194,44 @@ async def test_heartbeat_lease_flow(
     assert huge.ttl_seconds == 3600
 
 
+# (desired_ttl_seconds as sent, the TTL applied): the reference gives no range, so none is refused.
+TTL_CLAMPS = [
+    ("0", 1),
+    ("-5", 1),
+    ("1", 1),
+    ("3600", 3600),
+    ("3601", 3600),
+    (str(2**63), 3600),
+    ("9" * 5000, 3600),  # more digits than int() converts
+    ("-" + "9" * 5000, 1),
+    ("0" * 5000 + "42", 42),
+]
+
+
+async def test_heartbeat_clamps_an_out_of_range_ttl_and_reports_the_applied_one() -> None:
+    clock = ManualClock()
+    async with running_queue(clock=clock) as queue:
+        work_id = queue.items[0].id
+        assert await queue.work.poll(queue.pool.id) is not None
+        await queue.work.ack(work_id, environment_id=queue.pool.id)
+        item = queue.emulator.state.work[work_id]
+        for desired, applied in TTL_CLAMPS:
+            # As a string through extra_query: the SDK's int parameter cannot carry 5000 digits.
+            beat = await queue.work.heartbeat(
+                work_id, environment_id=queue.pool.id, extra_query={"desired_ttl_seconds": desired}
+            )
+            assert (beat.lease_extended, beat.ttl_seconds) == (True, applied), desired[:12]
+            assert item.lease_expires_at == clock.now + applied
+        zero = await queue.work.heartbeat(work_id, environment_id=queue.pool.id, desired_ttl_seconds=0)
+        assert zero.ttl_seconds == 1
+        # Not an integer at all is still refused, and leaves the lease as it was.
+        with pytest.raises(anthropic.BadRequestError, match="desired_ttl_seconds: expected an integer"):
+            await queue.work.heartbeat(
+                work_id, environment_id=queue.pool.id, extra_query={"desired_ttl_seconds": "ten"}
+            )
+        assert item.lease_ttl_seconds == 1
+
+
 async def test_heartbeat_of_a_queued_item_is_a_lost_lease(
     emulator: EmulatorServer, worker: AsyncAnthropic, pool: SelfHostedEnvironment
 ) -> None:

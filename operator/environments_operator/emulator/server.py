@@ -47,7 +47,9 @@ Work queue
     the item's last delivery. The response is the item with ``secret``, or JSON ``null``.
   - Ack of a ``starting`` item is idempotent (a retried ack must not strand the item); ack of an
     active, stopping or stopped item is a 409. Any queued item may be acked, delivered or not.
-  - Heartbeat: ``desired_ttl_seconds`` >= 1, clamped to 3600, default 90 (the SDK's assumption).
+  - Heartbeat: ``desired_ttl_seconds`` is clamped into 1..3600 (0 or less gives 1), not refused: the
+    reference gives no range and reports the effective TTL, which ``ttl_seconds`` carries. Without
+    it the TTL is 90 s (the SDK's assumption); a value that is not an integer is a 400.
     The lease exists from the first beat; an acked item that never beats stays ``starting`` (the
     operator owns the startup timeout). A queued item (never acked, or re-queued) answers 412, so the
     SDK worker treats its lease as lost and does not stop it. Omitting ``expected_last_heartbeat``
@@ -114,6 +116,7 @@ from environments_operator.emulator.state import (
     DEFAULT_LEASE_TTL_SECONDS,
     MAX_EVENTS_PAGE_LIMIT,
     MAX_PAGE_LIMIT,
+    MIN_LEASE_TTL_SECONDS,
     Clock,
     Credential,
     EmulatorState,
@@ -125,8 +128,6 @@ log = logging.getLogger("environments_operator.emulator")
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_RECLAIM_MS = 3_600_000
-# Far above any TTL we honour; larger values are clamped rather than rejected.
-MAX_DESIRED_TTL_SECONDS = 2**31 - 1
 
 STATE_KEY = web.AppKey("state", EmulatorState)
 FAULTS_KEY = web.AppKey("faults", FaultInjector)
@@ -361,7 +362,14 @@ class Handlers:
     async def heartbeat_work(self, request: web.Request) -> web.Response:
         environment_id, work_id = self._item_caller(request)
         await read_no_parameters(request, "heartbeat")
-        desired_ttl = query_int(request.query, "desired_ttl_seconds", minimum=1, maximum=MAX_DESIRED_TTL_SECONDS)
+        # Clamped here already, so that an integer of any length is taken; the state clamps the same way.
+        desired_ttl = query_int(
+            request.query,
+            "desired_ttl_seconds",
+            minimum=MIN_LEASE_TTL_SECONDS,
+            maximum=self.state.max_lease_ttl_seconds,
+            clamp=True,
+        )
         expected = request.query.get("expected_last_heartbeat")
         result = self.state.heartbeat(
             environment_id, work_id, expected_last_heartbeat=expected, desired_ttl_seconds=desired_ttl

@@ -49,6 +49,7 @@ NO_HEARTBEAT = "NO_HEARTBEAT"
 DEFAULT_RECLAIM_MS = 5000
 # The SDK assumes a 90 s lease until the first heartbeat response says otherwise.
 DEFAULT_LEASE_TTL_SECONDS = 90
+MIN_LEASE_TTL_SECONDS = 1
 MAX_LEASE_TTL_SECONDS = 3600
 WORKERS_POLLING_WINDOW_SECONDS = 30.0
 DEFAULT_PAGE_LIMIT = 20
@@ -769,7 +770,9 @@ class EmulatorState:
         desired_ttl_seconds: int | None,
     ) -> dict[str, Any]:
         item = self.get_work(environment_id, work_id)
-        ttl = min(desired_ttl_seconds or self.default_lease_ttl_seconds, self.max_lease_ttl_seconds)
+        # The reference gives no range and answers with the effective TTL: clamp what is asked, never refuse it.
+        asked = self.default_lease_ttl_seconds if desired_ttl_seconds is None else desired_ttl_seconds
+        ttl = max(MIN_LEASE_TTL_SECONDS, min(asked, self.max_lease_ttl_seconds))
         if item.state == "stopped":
             return {
                 "last_heartbeat": item.latest_heartbeat_at or item.stopped_at or self.timestamp(),

@@ -270,21 +270,37 @@ def scope(value: object, path: str) -> str | None:
     return str(value)
 
 
-def query_int(query: Mapping[str, str], name: str, *, minimum: int, maximum: int) -> int | None:
-    """An optional integer query parameter within [minimum, maximum]."""
+def query_int(query: Mapping[str, str], name: str, *, minimum: int, maximum: int, clamp: bool = False) -> int | None:
+    """An optional integer query parameter within [minimum, maximum].
+
+    Out of that range it is a 400, or with ``clamp`` the nearest bound; anything but an integer is a 400.
+    """
     raw = query.get(name)
     if raw is None:
         return None
     # int() alone would also take "5_0", " 5" and non-ASCII digits, which no client means as a number.
+    if not _DECIMAL_INTEGER.fullmatch(raw):
+        raise invalid_request(f"{name}: expected an integer, got {raw!r}")
+    if clamp:
+        return _clamped(raw, minimum, maximum)
     try:
-        if not _DECIMAL_INTEGER.fullmatch(raw):
-            raise ValueError(raw)
         value = int(raw, 10)  # may still refuse thousands of digits
     except ValueError:
         raise invalid_request(f"{name}: expected an integer, got {raw!r}") from None
     if not minimum <= value <= maximum:
         raise invalid_request(f"{name}: must be between {minimum} and {maximum}, got {value}")
     return value
+
+
+def _clamped(decimal: str, minimum: int, maximum: int) -> int:
+    """A decimal integer, however many digits it has, clamped into [minimum, maximum]."""
+    negative = decimal.startswith("-")
+    significant = decimal.removeprefix("-").lstrip("0") or "0"
+    # With more digits than either bound has, it is past the bound on its side; int() would refuse thousands.
+    if len(significant) > len(str(max(abs(minimum), abs(maximum)))):
+        return minimum if negative else maximum
+    value = -int(significant) if negative else int(significant)
+    return max(minimum, min(value, maximum))
 
 
 def query_bool(query: Mapping[str, str], name: str) -> bool | None:
