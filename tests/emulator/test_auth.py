@@ -57,21 +57,79 @@ async def test_environment_key_is_issued_over_http_for_self_hosted_only(
         assert await worker.beta.environments.work.poll(environment.id) is None
 
 
-async def test_wrong_kind_of_credential_is_403(
-    emulator: EmulatorServer, api: AsyncAnthropic, worker: AsyncAnthropic, pool: SelfHostedEnvironment
+async def test_environment_key_is_refused_where_an_api_key_is_required(
+    emulator: EmulatorServer, worker: AsyncAnthropic, pool: SelfHostedEnvironment
 ) -> None:
     (item,) = enqueue_sessions(emulator, pool.id)
     with pytest.raises(anthropic.PermissionDeniedError, match="takes an API key"):
         await worker.beta.environments.retrieve(pool.id)
     with pytest.raises(anthropic.PermissionDeniedError, match="takes an API key"):
         await worker.beta.environments.work.retrieve(item.id, environment_id=pool.id)
-    with pytest.raises(anthropic.PermissionDeniedError, match="environment key"):
-        await api.beta.environments.work.poll(pool.id)
-    with pytest.raises(anthropic.PermissionDeniedError, match="environment key"):
-        await api.beta.environments.work.stats(pool.id)
-    with pytest.raises(anthropic.PermissionDeniedError, match="environment key"):
-        await api.beta.environments.work.stop(item.id, environment_id=pool.id)
     assert emulator.state.work[item.id].state == "queued"
+
+
+async def test_api_key_is_refused_on_poll_ack_heartbeat_and_list(
+    emulator: EmulatorServer, api: AsyncAnthropic, pool: SelfHostedEnvironment
+) -> None:
+    (item,) = enqueue_sessions(emulator, pool.id)
+    work = api.beta.environments.work
+    refusal = f"takes the environment key of {pool.id}, not an API key"
+    with pytest.raises(anthropic.PermissionDeniedError, match=refusal):
+        await work.poll(pool.id)
+    with pytest.raises(anthropic.PermissionDeniedError, match=refusal):
+        await work.ack(item.id, environment_id=pool.id)
+    with pytest.raises(anthropic.PermissionDeniedError, match=refusal):
+        await work.heartbeat(item.id, environment_id=pool.id)
+    with pytest.raises(anthropic.PermissionDeniedError, match=refusal):
+        await work.list(pool.id)
+    assert emulator.state.work[item.id].state == "queued"
+    assert emulator.state.work[item.id].delivery_count == 0
+
+
+async def test_api_key_reads_stats_and_stops_work_as_the_sdk_workspace_header_implies(
+    emulator: EmulatorServer, api: AsyncAnthropic, worker: AsyncAnthropic, pool: SelfHostedEnvironment
+) -> None:
+    running, queued = enqueue_sessions(emulator, pool.id, count=2)
+    work = api.beta.environments.work
+    # The SDK sends workspace_id as the anthropic-workspace-id header; the emulator has one workspace.
+    workspace = "wrkspc_01JwQvzr7rXLA5AGx3HKfFUJ"
+    response = await work.with_raw_response.stats(pool.id, workspace_id=workspace)
+    assert response.http_request.headers["anthropic-workspace-id"] == workspace
+    stats = await response.parse()
+    assert (stats.depth, stats.pending, stats.workers_polling) == (2, 0, 0)
+
+    polled = await worker.beta.environments.work.poll(pool.id)
+    assert polled is not None and polled.id == running.id
+    await worker.beta.environments.work.ack(running.id, environment_id=pool.id)
+    await worker.beta.environments.work.heartbeat(running.id, environment_id=pool.id)
+    assert (await work.stats(pool.id)).depth == 1
+
+    stopping = await work.stop(running.id, environment_id=pool.id, workspace_id=workspace)
+    assert stopping.state == "stopping"
+    assert (await work.stop(running.id, environment_id=pool.id, force=True)).state == "stopped"
+    assert (await work.stop(queued.id, environment_id=pool.id)).state == "stopped"
+    assert (await work.stats(pool.id)).depth == 0
+    # The environment key still serves both (that stop is a 409, not a 403).
+    assert (await worker.beta.environments.work.stats(pool.id)).depth == 0
+    with pytest.raises(anthropic.ConflictError, match="already stopped"):
+        await worker.beta.environments.work.stop(queued.id, environment_id=pool.id)
+
+    # An API key spans environments: a cloud environment's queue is readable, and always empty.
+    cloud = await api.beta.environments.create(name="cloud")
+    assert (await work.stats(cloud.id)).depth == 0
+
+
+async def test_sessions_token_is_refused_on_stats(
+    emulator: EmulatorServer, worker: AsyncAnthropic, pool: SelfHostedEnvironment
+) -> None:
+    enqueue_sessions(emulator, pool.id)
+    polled = await worker.beta.environments.work.poll(pool.id)
+    assert polled is not None and polled.secret is not None
+    async with environment_client(emulator, sessions_token(polled.secret)) as pod:
+        with pytest.raises(
+            anthropic.PermissionDeniedError, match=f"takes the environment key of {pool.id} or an API key"
+        ):
+            await pod.beta.environments.work.stats(pool.id)
 
 
 async def test_environment_key_is_bound_to_its_environment(

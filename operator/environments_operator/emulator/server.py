@@ -20,10 +20,14 @@ Credentials
     prefix is a 401, not an API key.
   - Missing or invalid credentials: 401 ``authentication_error``. A valid credential of the wrong
     kind, or an environment key of another environment: 403 ``permission_error``.
-  - API key: environment CRUD, work retrieve/update, sessions create, ``/_emulator/`` routes.
+  - API key: environment CRUD, work retrieve/update/stats/stop, sessions create, ``/_emulator/`` routes.
     Environment key (of that environment only): poll, ack, list, stats, heartbeat, stop.
     The sessions token inside a work item's ``secret`` authorizes heartbeat and stop of that one work
     item and retrieval of its session, so a worker pod needs no environment key.
+  - Stats and stop take an API key as well, because the SDK (2.14+) gives both a ``workspace_id``
+    header, which only a credential spanning workspaces, an API key, can use; the header is accepted
+    and ignored (the emulator has one workspace). Poll, ack, heartbeat and list refuse an API key
+    (403). With an API key, a cloud environment's stats show its queue, which is always empty.
   - Each environment-key request issues a new key; all stay valid until the environment is deleted.
     A work item's ``secret`` is the same on every delivery (a re-created pod may still hold the first
     one), and its token stays valid while the item exists.
@@ -309,17 +313,17 @@ class Handlers:
 
     # ----- work -------------------------------------------------------------------------------------
 
-    def _environment_caller(self, request: web.Request) -> str:
+    def _environment_caller(self, request: web.Request, *, api_key_allowed: bool = False) -> str:
         environment_id = request.match_info["environment_id"]
         credential = self.state.classify(credential_value(request))
-        self.state.authorize_environment(credential, environment_id)
+        self.state.authorize_environment(credential, environment_id, api_key_allowed=api_key_allowed)
         return environment_id
 
-    def _item_caller(self, request: web.Request) -> tuple[str, str]:
+    def _item_caller(self, request: web.Request, *, api_key_allowed: bool = False) -> tuple[str, str]:
         environment_id = request.match_info["environment_id"]
         work_id = request.match_info["work_id"]
         credential = self.state.classify(credential_value(request))
-        self.state.authorize_item(credential, environment_id, work_id)
+        self.state.authorize_item(credential, environment_id, work_id, api_key_allowed=api_key_allowed)
         return environment_id, work_id
 
     async def poll_work(self, request: web.Request) -> web.Response:
@@ -335,7 +339,8 @@ class Handlers:
         return _json(item.to_api(with_secret=True) if item is not None else None)
 
     async def work_stats(self, request: web.Request) -> web.Response:
-        return _json(self.state.stats(self._environment_caller(request)))
+        # The SDK gives stats a workspace_id header, which only a credential spanning workspaces (an API key) uses.
+        return _json(self.state.stats(self._environment_caller(request, api_key_allowed=True)))
 
     async def list_work(self, request: web.Request) -> web.Response:
         environment_id = self._environment_caller(request)
@@ -377,7 +382,8 @@ class Handlers:
         return _json(result)
 
     async def stop_work(self, request: web.Request) -> web.Response:
-        environment_id, work_id = self._item_caller(request)
+        # As for stats: the SDK's workspace_id header on stop means an API key may call it too.
+        environment_id, work_id = self._item_caller(request, api_key_allowed=True)
         body = await read_body(request, allow_empty=True)
         unknown = sorted(set(body) - {"force"})
         if unknown:

@@ -871,20 +871,27 @@ class EmulatorState:
 
     # ----- authorization ----------------------------------------------------------------------------
 
-    def authorize_environment(self, credential: Credential, environment_id: str) -> None:
-        """Poll, ack, list and stats: the environment key of this environment only."""
+    def authorize_environment(
+        self, credential: Credential, environment_id: str, *, api_key_allowed: bool = False
+    ) -> None:
+        """Poll, ack, list and stats: the environment key of this environment only, or for stats an API key."""
+        if api_key_allowed and credential.kind == "api_key":
+            return
         if credential.kind != "environment_key":
-            raise forbidden(f"this endpoint takes the environment key of {environment_id}, not {credential.describe()}")
+            accepted = f"the environment key of {environment_id}" + (" or an API key" if api_key_allowed else "")
+            raise forbidden(f"this endpoint takes {accepted}, not {credential.describe()}")
         if credential.environment_id != environment_id:
             raise forbidden(f"this environment key belongs to another environment, not {environment_id}")
 
-    def authorize_item(self, credential: Credential, environment_id: str, work_id: str) -> None:
-        """Heartbeat and stop: the environment key, or the sessions token of this very work item."""
+    def authorize_item(
+        self, credential: Credential, environment_id: str, work_id: str, *, api_key_allowed: bool = False
+    ) -> None:
+        """Heartbeat and stop: the environment key or this very work item's sessions token; stop also an API key."""
         if credential.kind == "sessions_token":
             if credential.work_id != work_id or credential.environment_id != environment_id:
                 raise forbidden(f"this sessions token belongs to another work item, not {work_id}")
             return
-        self.authorize_environment(credential, environment_id)
+        self.authorize_environment(credential, environment_id, api_key_allowed=api_key_allowed)
 
     def authorize_session(self, credential: Credential, session: Session) -> None:
         """Session retrieval and events: an API key, the environment's key, or the token of one of its items."""
