@@ -1,7 +1,7 @@
 """Benchmark: WorkerPool dispatch (claim → Secret → Pod → ack) on the emulator and the fake apiserver.
 
 Runs the shipped operator (kopf's default registry with every handler of the package, production kopf
-settings, configured through environment variables) against kmock (``tests.harness.kube``) and the
+settings, configured through environment variables) against kmock (``environments_operator.devcluster.kube``) and the
 emulator, both on this script's event loop, and prints four figures:
 
 1. **single-item latency**: enqueue → its pod exists *and* the item is acknowledged, one item at a time
@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.harness.emulator import API_KEY, enqueue_sessions, self_hosted_environment  # noqa: E402
-from tests.harness.kube import PODS, SECRETS, WORKERPOOLS, Kube, start_kube  # noqa: E402
 from tests.harness.operator import run_operator_process  # noqa: E402
 
 from environments_operator.adapters.kube import KubeClient  # noqa: E402
+from environments_operator.devcluster.kube import PODS, SECRETS, WORKERPOOLS, Kube, start_kube  # noqa: E402
 from environments_operator.domain.worker_manifests import (  # noqa: E402
     PoolIdentity,
     WorkAssignment,

@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))  # run as a script: make ``tests.harness`` importa
 import kopf  # noqa: E402
 import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
-from tests.harness.kube import ENVIRONMENTS, start_kube  # noqa: E402
 from tests.harness.operator import run_operator  # noqa: E402
 
 import environments_operator.handlers  # noqa: E402, F401  (registers the operator's handlers)
+from environments_operator.devcluster.kube import ENVIRONMENTS, start_kube  # noqa: E402
 from environments_operator.emulator.server import EmulatorServer  # noqa: E402
 from environments_operator.handlers.startup import apply_kopf_settings  # noqa: E402
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.kube import Kube
-from tests.harness.recorder import RbacUse
+from environments_operator.devcluster.kube import Kube
+from environments_operator.devcluster.recorder import RbacUse
 
 E2E_DIR = Path(__file__).resolve().parents[1] / "e2e"
 

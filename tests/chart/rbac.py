@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from environments_operator.devcluster.recorder import RbacUse
 from tests.chart.rendering import FULLNAME, JSON, RELEASE_NAMESPACE, SCENARIOS
-from tests.harness.recorder import RbacUse
 
 # Cluster-scoped resources the operator touches; everything else it uses is namespaced.
 CLUSTER_SCOPED = {

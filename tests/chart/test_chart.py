@@ -19,6 +19,7 @@ import kubernetes_validate.utils
 import pytest
 import yaml
 
+from environments_operator.devcluster.crd_validation import validate as validate_custom_object
 from environments_operator.settings import SETTING_NAMES, SETTINGS, SettingSpec, load_settings
 from tests.chart.rendering import (
     CHART_DIR,
@@ -41,7 +42,6 @@ from tests.chart.rendering import (
     render,
     render_files,
 )
-from tests.harness.crd_validation import validate as validate_custom_object
 
 CHART_YAML = load_yaml(CHART_DIR / "Chart.yaml")
 DEFAULT_VALUES: JSON = load_yaml(CHART_DIR / "values.yaml")

@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 import pytest
 
+from environments_operator.devcluster.kube import CLUSTER_KOPF_PEERINGS, ENVIRONMENTS, KOPF_PEERINGS, WORKERPOOLS, Kube
 from tests.chart.rbac import (
     ADMISSION_NEEDS,
     ALL_NAMESPACES,
@@ -20,7 +21,6 @@ from tests.chart.rbac import (
     is_cluster_scoped,
 )
 from tests.chart.rendering import FULLNAME, SCENARIOS, WATCHED, of_kind, only, render
-from tests.harness.kube import CLUSTER_KOPF_PEERINGS, ENVIRONMENTS, KOPF_PEERINGS, WORKERPOOLS, Kube
 from tests.harness.operator import run_operator
 
 

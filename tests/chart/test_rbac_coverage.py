@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from environments_operator.devcluster.recorder import RbacUse
 from tests.chart.e2e_record import RECORD
 from tests.chart.rbac import (
     ADMISSION_NEEDS,
@@ -23,7 +24,6 @@ from tests.chart.rbac import (
     is_cluster_scoped,
 )
 from tests.chart.rendering import WATCHED, render
-from tests.harness.recorder import RbacUse
 
 pytestmark = pytest.mark.after_e2e
 

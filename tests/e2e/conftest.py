@@ -26,6 +26,16 @@ from aiohttp import web
 from anthropic import AsyncAnthropic
 
 import environments_operator.handlers  # noqa: F401  (registers the operator's handlers on kopf's default registry)
+from environments_operator.devcluster.kube import (
+    DEFAULT_RESOURCES,
+    ENVIRONMENTS,
+    EVENTS,
+    PODS,
+    SECRETS,
+    WORKERPOOLS,
+    Kube,
+)
+from environments_operator.devcluster.kubelet import Kubelet
 from environments_operator.emulator.server import EmulatorServer
 from environments_operator.handlers.startup import apply_kopf_settings
 from tests.harness.emulator import (
@@ -35,8 +45,6 @@ from tests.harness.emulator import (
     enqueue_sessions,
     self_hosted_environment,
 )
-from tests.harness.kube import DEFAULT_RESOURCES, ENVIRONMENTS, EVENTS, PODS, SECRETS, WORKERPOOLS, Kube
-from tests.harness.kubelet import Kubelet
 from tests.harness.operator import OperatorRunner, run_operator
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,9 +6,9 @@ import asyncio
 import itertools
 from typing import Any
 
+from environments_operator.devcluster.kube import ENVIRONMENTS
 from tests.e2e.conftest import SECRET_API_KEY, EnvironmentWorld
 from tests.harness.emulator import API_KEY
-from tests.harness.kube import ENVIRONMENTS
 
 UID_KEY = "managedagents.dev/resource-uid"
 CHECK_EVERY_SECOND = {"environments.managedagents.dev/drift-interval-seconds": "1"}

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import collections
 
+from environments_operator.devcluster.kube import PODS, SECRETS
 from tests.e2e.conftest import WorkerPoolWorld
-from tests.harness.kube import PODS, SECRETS
 
 BURST = 200
 

@@ -8,8 +8,8 @@ import base64
 import pytest
 from prometheus_client import REGISTRY
 
+from environments_operator.devcluster.kube import ENVIRONMENTS, PODS, SECRETS, WORKERPOOLS
 from tests.e2e.conftest import WORKER_IMAGE, WorkerPoolWorld
-from tests.harness.kube import ENVIRONMENTS, PODS, SECRETS, WORKERPOOLS
 
 API_ERRORS = "environments_operator_api_errors_total"
 DISPATCHED = "environments_operator_work_items_dispatched_total"

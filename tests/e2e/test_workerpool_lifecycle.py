@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from environments_operator.devcluster.kube import PODS, SECRETS, WORKERPOOLS
 from tests.e2e.conftest import WorkerPoolWorld
-from tests.harness.kube import PODS, SECRETS, WORKERPOOLS
 
 
 def stops(world: WorkerPoolWorld, work_id: str) -> list[int]:

@@ -43,7 +43,7 @@ from typing import Any
 import kopf
 from kopf._cogs.structs import credentials, references  # Vault/Resource are not re-exported by kopf 1.45
 
-from tests.harness.kube import DEFAULT_TIMEOUT, ENVIRONMENTS, WORKERPOOLS, Kube, Resource
+from environments_operator.devcluster.kube import DEFAULT_TIMEOUT, ENVIRONMENTS, WORKERPOOLS, Kube, Resource
 
 SettingsHook = Callable[[kopf.OperatorSettings], None]
 

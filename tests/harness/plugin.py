@@ -1,12 +1,13 @@
 """pytest fixtures and hooks of the end-to-end harness (registered by ``tests/conftest.py``).
 
 Fixtures:
-- ``kube``: a fresh fake apiserver per test (``tests.harness.kube.Kube``), on a free loopback port;
-- ``kubelet``: a ``tests.harness.kubelet.Kubelet`` on that ``kube``; its automatic mode stops with the test.
+- ``kube``: a fresh fake apiserver per test (``environments_operator.devcluster.kube.Kube``), on a free loopback port;
+- ``kubelet``: a ``environments_operator.devcluster.kubelet.Kubelet`` on that ``kube``; its automatic mode
+  stops with the test.
 
 Hooks:
 - marker ``after_e2e``: such tests run after all others, so that a test asserting RBAC coverage sees
-  the whole session's record (``tests.harness.recorder.SESSION_RBAC_USES``).
+  the whole session's record (``environments_operator.devcluster.recorder.SESSION_RBAC_USES``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.kube import Kube, start_kube
-from tests.harness.kubelet import Kubelet
+from environments_operator.devcluster.kube import Kube, start_kube
+from environments_operator.devcluster.kubelet import Kubelet
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,8 +10,8 @@ import aiohttp
 import kubernetes
 import pytest
 
-from tests.harness.kube import ENVIRONMENTS, NAMESPACES, PODS, SECRETS, Kube, RbacUse, start_kube
-from tests.harness.recorder import RBAC_RECORD_ENV, SESSION_RBAC_USES, load_rbac_record
+from environments_operator.devcluster.kube import ENVIRONMENTS, NAMESPACES, PODS, SECRETS, Kube, RbacUse, start_kube
+from environments_operator.devcluster.recorder import RBAC_RECORD_ENV, SESSION_RBAC_USES, load_rbac_record
 
 NS = "ns1"
 MERGE = {"Content-Type": "application/merge-patch+json"}

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness.kube import PODS, Kube
-from tests.harness.kubelet import Kubelet
+from environments_operator.devcluster.kube import PODS, Kube
+from environments_operator.devcluster.kubelet import Kubelet
 
 NS = "ns1"
 

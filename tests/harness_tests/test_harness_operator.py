@@ -10,7 +10,7 @@ import kopf
 import kubernetes
 import pytest
 
-from tests.harness.kube import ENVIRONMENTS, PODS, Kube, RbacUse
+from environments_operator.devcluster.kube import ENVIRONMENTS, PODS, Kube, RbacUse
 from tests.harness.operator import OperatorExited, OperatorFailed, run_operator, run_operator_process
 
 NS = "ns1"

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness.apimachinery import ApiError
-from tests.harness.kube import Kube
-from tests.harness.pruning import assert_storable, storage_problems
+from environments_operator.devcluster.apimachinery import ApiError
+from environments_operator.devcluster.kube import Kube
+from environments_operator.devcluster.pruning import assert_storable, storage_problems
 
 CRD: dict[str, Any] = {
     "apiVersion": "apiextensions.k8s.io/v1",

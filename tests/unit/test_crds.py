@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from environments_operator.crdgen import render_crds
+from environments_operator.devcluster.crd_validation import validate
 from environments_operator.domain.environment import EnvironmentSpec
 from environments_operator.domain.workerpool import WorkerPoolSpec
-from tests.harness.crd_validation import validate
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIRS = [ROOT / "crds", ROOT / "charts" / "environments-operator" / "crds"]

@@ -25,24 +25,24 @@ import datetime
 import itertools
 from collections.abc import Callable
 
-from tests.harness.apimachinery import JSON
-from tests.harness.kube import PODS, Kube
+from environments_operator.devcluster.apimachinery import JSON
+from environments_operator.devcluster.kube import PODS, Kube
 
 PodFilter = Callable[[JSON], bool]
 
 
-def _now() -> str:
+def timestamp_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _condition(kind: str, status: bool, reason: str | None = None, message: str | None = None) -> JSON:
+def condition(kind: str, status: bool, reason: str | None = None, message: str | None = None) -> JSON:
     condition = {"type": kind, "status": "True" if status else "False", "lastProbeTime": None,
-                 "lastTransitionTime": _now()}
+                 "lastTransitionTime": timestamp_now()}
     condition.update({key: value for key, value in (("reason", reason), ("message", message)) if value})
     return condition
 
 
-def _container_statuses(pod: JSON, state: JSON, *, ready: bool, started: bool) -> list[JSON]:
+def container_statuses(pod: JSON, state: JSON, *, ready: bool, started: bool) -> list[JSON]:
     return [{"name": container.get("name", ""), "image": container.get("image", ""), "imageID": "",
              "ready": ready, "started": started, "restartCount": 0, "state": state}
             for container in pod.get("spec", {}).get("containers", [])]
@@ -68,13 +68,13 @@ class Kubelet:
 
     def run(self, name: str, namespace: str) -> JSON:
         """Scheduled, containers started and ready: phase Running."""
-        pod, now = self._pod(name, namespace), _now()
+        pod, now = self._pod(name, namespace), timestamp_now()
         return self._set_status(name, namespace, {
             "phase": "Running", "hostIP": "10.0.0.1", "podIP": f"10.244.0.{next(self._addresses) % 250 + 2}",
             "startTime": now,
-            "conditions": [_condition("PodScheduled", True), _condition("Initialized", True),
-                           _condition("ContainersReady", True), _condition("Ready", True)],
-            "containerStatuses": _container_statuses(pod, {"running": {"startedAt": now}}, ready=True, started=True),
+            "conditions": [condition("PodScheduled", True), condition("Initialized", True),
+                           condition("ContainersReady", True), condition("Ready", True)],
+            "containerStatuses": container_statuses(pod, {"running": {"startedAt": now}}, ready=True, started=True),
         })
 
     def succeed(self, name: str, namespace: str) -> JSON:
@@ -88,7 +88,7 @@ class Kubelet:
 
     def _terminate(self, name: str, namespace: str, phase: str, *, exit_code: int, reason: str,
                    message: str | None = None) -> JSON:
-        pod, now = self._pod(name, namespace), _now()
+        pod, now = self._pod(name, namespace), timestamp_now()
         started = pod.get("status", {}).get("startTime", now)
         terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now}
         if message:
@@ -96,9 +96,9 @@ class Kubelet:
         pod_reason = "PodCompleted" if phase == "Succeeded" else "PodFailed"
         return self._set_status(name, namespace, {
             "phase": phase, "startTime": started,
-            "conditions": [_condition("PodScheduled", True), _condition("Initialized", True, pod_reason),
-                           _condition("ContainersReady", False, pod_reason), _condition("Ready", False, pod_reason)],
-            "containerStatuses": _container_statuses(pod, {"terminated": terminated}, ready=False, started=False),
+            "conditions": [condition("PodScheduled", True), condition("Initialized", True, pod_reason),
+                           condition("ContainersReady", False, pod_reason), condition("Ready", False, pod_reason)],
+            "containerStatuses": container_statuses(pod, {"terminated": terminated}, ready=False, started=False),
         })
 
     def image_pull_backoff(self, name: str, namespace: str) -> JSON:
@@ -107,11 +107,11 @@ class Kubelet:
         image = next((c.get("image", "") for c in pod.get("spec", {}).get("containers", [])), "")
         waiting = {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{image}"'}}
         return self._set_status(name, namespace, {
-            "phase": "Pending", "hostIP": "10.0.0.1", "startTime": _now(),
-            "conditions": [_condition("PodScheduled", True), _condition("Initialized", True),
-                           _condition("ContainersReady", False, "ContainersNotReady"),
-                           _condition("Ready", False, "ContainersNotReady")],
-            "containerStatuses": _container_statuses(pod, waiting, ready=False, started=False),
+            "phase": "Pending", "hostIP": "10.0.0.1", "startTime": timestamp_now(),
+            "conditions": [condition("PodScheduled", True), condition("Initialized", True),
+                           condition("ContainersReady", False, "ContainersNotReady"),
+                           condition("Ready", False, "ContainersNotReady")],
+            "containerStatuses": container_statuses(pod, waiting, ready=False, started=False),
         })
 
     def unschedulable(self, name: str, namespace: str,
@@ -120,7 +120,7 @@ class Kubelet:
         self._pod(name, namespace)
         return self._set_status(name, namespace, {
             "phase": "Pending",
-            "conditions": [_condition("PodScheduled", False, "Unschedulable", message)],
+            "conditions": [condition("PodScheduled", False, "Unschedulable", message)],
         })
 
     def vanish(self, name: str, namespace: str, *, force: bool = True) -> None:

@@ -2,8 +2,8 @@
 
 Pure functions, no I/O: label and field selectors, the three patch formats (JSON merge patch,
 JSON patch, strategic merge patch), name and label validation, and the standard ``Status`` error
-body. ``tests.harness.kube`` wires them into the HTTP server; keeping them here lets the rules be read
-(and fixed) without wading through request plumbing.
+body. ``environments_operator.devcluster.kube`` wires them into the HTTP server; keeping them here lets
+the rules be read (and fixed) without wading through request plumbing.
 
 What this module may not do: talk HTTP, hold state, or know about kopf.
 """

@@ -16,7 +16,7 @@ from typing import Any
 import celpy
 import jsonschema
 
-from tests.harness.pruning import apply_defaults, as_json_schema, crd_schema, prune
+from environments_operator.devcluster.pruning import apply_defaults, as_json_schema, crd_schema, prune
 
 JSON = dict[str, Any]
 

@@ -11,7 +11,7 @@ and are never recorded as operator requests.
     hold = kube.hold("create", PODS)                                            # stall the next creation
     assert RbacUse("", "pods", "create") in kube.rbac_uses()
 
-What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or in ``tests.harness.apimachinery``):
+What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or in ``apimachinery``):
 - routing: ``/api/v1/namespaces[/name]`` (crashes kmock) and the core group's discovery ``groupVersion``
   (kmock says ``"/v1"``);
 - metadata: uid, creationTimestamp, generation 1 on create (+1 when anything but metadata/status changes,
@@ -28,7 +28,7 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
   ``sendInitialEvents`` with the initial-events-end bookmark;
 - validation: DNS-1123 names, label keys and values, base64 secret ``data`` (``stringData`` folded in),
   pod spec immutability; CRD schemas once installed with ``install_crd`` (defaults, pruning, 422 on type
-  errors and on ``x-kubernetes-validations`` CEL rules, through ``tests.harness.crd_validation``);
+  errors and on ``x-kubernetes-validations`` CEL rules, through ``environments_operator.devcluster.crd_validation``);
 - errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...).
 Not emulated: garbage collection (ownerReferences), admission, RBAC enforcement, server-side apply,
 graceful pod termination (a deleted pod without finalizers is gone at once), ``limit``/``continue``.
@@ -61,9 +61,9 @@ import attrs
 import kmock
 import yaml
 
-from tests.harness import apimachinery, crd_validation, pruning
-from tests.harness.apimachinery import JSON, ApiError
-from tests.harness.recorder import ApiCall, RbacUse, record_call, save_to_env_record
+from environments_operator.devcluster import apimachinery, crd_validation, pruning
+from environments_operator.devcluster.apimachinery import JSON, ApiError
+from environments_operator.devcluster.recorder import ApiCall, RbacUse, record_call, save_to_env_record
 
 T = TypeVar("T")
 
@@ -680,7 +680,10 @@ class FakeApiServer(kmock.KubernetesEmulator):
         deadline = None if timeout is None else time.monotonic() + timeout
 
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(raw)
+        try:
+            await response.prepare(raw)
+        except ConnectionError:
+            return response  # the client hung up (or was killed) before the stream began
         self.open_watches += 1
         events: list[JSON] = []
         if initial:

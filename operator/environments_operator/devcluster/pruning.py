@@ -8,7 +8,7 @@ rules against a CRD dict:
 
     problems = storage_problems(stored_object, crd)        # [] when the apiserver would store it as is
     assert_storable(stored_object, crd)                     # AssertionError listing the problems
-    kube.assert_all_storable(crd1, crd2)                    # every stored object of those CRDs (tests.harness.kube)
+    kube.assert_all_storable(crd1, crd2)                    # every stored object of those CRDs (``kube.Kube``)
 
 ``Kube.install_crd(crd)`` applies the same rules on every write, as the apiserver does (prune + record,
 default, reject with 422), so that the operator under test also *sees* the pruned result.
