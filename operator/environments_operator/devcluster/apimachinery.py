@@ -327,11 +327,22 @@ def mutable_pod_spec(spec: Any) -> Any:
     frozen = copy.deepcopy(spec)
     frozen.pop("activeDeadlineSeconds", None)
     frozen.pop("tolerations", None)  # additions are allowed; the fake server does not check the rest
+    frozen.pop("schedulingGates", None)  # gates may be removed (``scheduling_gate_errors`` checks the rest)
     for key in ("containers", "initContainers"):
         for container in frozen.get(key) or []:
             if isinstance(container, dict):
                 container.pop("image", None)
     return frozen
+
+
+def scheduling_gate_errors(new_spec: Any, old_spec: Any) -> list[str]:
+    """A pod update may remove scheduling gates, never add one (as the apiserver rules since 1.27)."""
+    def gates(spec: Any) -> list[str]:
+        return [gate.get("name", "") for gate in (spec or {}).get("schedulingGates") or [] if isinstance(gate, dict)]
+
+    before = set(gates(old_spec))
+    return [f"spec.schedulingGates: Forbidden: only deletion is allowed, but found new scheduling gate '{gate}'"
+            for gate in gates(new_spec) if gate not in before]
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -27,8 +27,9 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
   selection into DELETED/ADDED), watch from a resourceVersion replays what was missed, ``timeoutSeconds``,
   ``sendInitialEvents`` with the initial-events-end bookmark;
 - validation: DNS-1123 names, label keys and values, base64 secret ``data`` (``stringData`` folded in),
-  pod spec immutability; CRD schemas once installed with ``install_crd`` (defaults, pruning, 422 on type
-  errors and on ``x-kubernetes-validations`` CEL rules, through ``environments_operator.devcluster.crd_validation``);
+  pod spec immutability (scheduling gates may only be removed); CRD schemas once installed with
+  ``install_crd`` (defaults, pruning, 422 on type errors and on ``x-kubernetes-validations`` CEL rules,
+  through ``crd_validation``);
 - errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...).
 Not emulated: garbage collection (ownerReferences), admission, RBAC enforcement, server-side apply,
 graceful pod termination (a deleted pod without finalizers is gone at once), ``limit``/``continue``.
@@ -629,6 +630,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
             errors.append("spec: Forbidden: pod updates may not change fields other than `spec.containers[*].image`, "
                           "`spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, "
                           "`spec.tolerations` (only additions to existing tolerations)")
+        if resource.key == PODS.key and old is not None:
+            errors += apimachinery.scheduling_gate_errors(new.get("spec"), old.get("spec"))
         if resource.key == SECRETS.key:
             string_data = new.pop("stringData", None) or {}
             new["type"] = new.get("type") or "Opaque"
