@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "emulator": ("environments_operator.emulator.cli", "serve the Environments API emulator"),
     "worker": ("environments_operator.worker", "serve one work item inside a worker pod, then exit"),
     "crds": ("environments_operator.crdgen", "print the CRDs, or write them into a directory"),
+    "demo": ("environments_operator.demo", "the whole system on a simulated cluster, serving N sessions"),
 }
 
 

@@ -25,11 +25,13 @@ def test_operator_still_resolves_to_the_standard_library() -> None:
 def test_subcommands_match_the_public_contract() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "emulator", "worker", "crds"}
+    assert set(sub.choices) == {"run", "emulator", "worker", "crds", "demo"}
     run_flags = {flag for a in sub.choices["run"]._actions for flag in a.option_strings}
     assert {"--namespace", "--all-namespaces", "--standalone", "--verbose"} <= run_flags
     emulator_flags = {flag for a in sub.choices["emulator"]._actions for flag in a.option_strings}
     assert {"--host", "--port"} <= emulator_flags
+    demo_flags = {flag for a in sub.choices["demo"]._actions for flag in a.option_strings}
+    assert {"--sessions", "--keep-running"} <= demo_flags
 
 
 def test_python_dash_m_runs_the_cli() -> None:
