@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from anthropic import AsyncAnthropic
+
     from environments_operator.devcluster.kube import Kube
     from environments_operator.devcluster.process_kubelet import ProcessKubelet
     from environments_operator.emulator.server import EmulatorServer
@@ -148,6 +150,12 @@ class OperatorProcess:
     process: asyncio.subprocess.Process
     log_path: Path
 
+    def check(self) -> None:
+        """Raise ``DemoFailed`` if the operator has died, with the last lines it logged."""
+        if self.process.returncode is not None:
+            raise DemoFailed(f"the operator exited with code {self.process.returncode}; its last lines:\n"
+                             f"{self.tail()}")
+
     def tail(self, lines: int = 30) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
@@ -261,7 +269,32 @@ def observe(rows: list[SessionRow], kube: Kube, emulator: EmulatorServer, tools_
             row.state = "queued"
 
 
-async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
+@dataclass
+class SimulatedWorld:
+    """Everything the demo runs, set up and serving: the sessions' side and the cluster's side."""
+
+    kube: Kube
+    emulator: EmulatorServer
+    kubelet: ProcessKubelet
+    operator: OperatorProcess
+    api: AsyncAnthropic
+    environment_id: str
+    agent_id: str
+
+    def check(self) -> None:
+        """Raise ``DemoFailed`` if the operator has died."""
+        self.operator.check()
+
+    async def start_session(self) -> str:
+        session = await self.api.beta.sessions.create(agent=self.agent_id, environment_id=self.environment_id)
+        return session.id
+
+
+@contextlib.asynccontextmanager
+async def simulated_world(workdir: Path, *, max_workers: int,
+                          say: Callable[[str], None] = lambda _: None) -> AsyncIterator[SimulatedWorld]:
+    """The emulator, the simulated cluster with its process kubelet, the operator process, and the sample
+    Environment, key Secret, WorkerPool and scripted agent, all applied and ready."""
     from anthropic import AsyncAnthropic
 
     from environments_operator.devcluster.kube import ENVIRONMENTS, SECRETS, WORKERPOOLS, start_kube
@@ -269,33 +302,23 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
     from environments_operator.domain.crd import all_crds
     from environments_operator.emulator.server import EmulatorServer
 
-    progress = Progress(out, len(AGENT_SCRIPT), live=out.isatty())
-    workdir = Path(tempfile.mkdtemp(prefix="environments-operator-demo-"))
-    progress.say("demo: the Kubernetes cluster here is SIMULATED: a fake apiserver on loopback, and a kubelet\n"
-                 "      that runs each worker pod as a local process of the real `environments-operator worker`.")
-    kubelet: ProcessKubelet | None = None
-    try:
-        async with EmulatorServer(api_keys=[API_KEY]) as emulator, start_kube(workdir) as kube:
-            progress.say(f"demo: Environments API emulator at {emulator.base_url}; simulated apiserver at {kube.url}")
-            for crd in all_crds().values():
-                kube.install_crd(crd)
-            kube.ensure_namespace(NAMESPACE)
-            kubelet = ProcessKubelet(kube, images={WORKER_IMAGE}, root=workdir / "node")
-            kubelet.start()
-            async with operator_process(kube, emulator, workdir) as operator:
-                def operator_alive() -> None:
-                    if operator.process.returncode is not None:
-                        raise DemoFailed(f"the operator exited with code {operator.process.returncode}; "
-                                         f"its last lines:\n{operator.tail()}")
-
-                progress.say("demo: operator started (environments-operator run); applying a self_hosted "
-                             "Environment, its key Secret and a WorkerPool")
-                environment, pool = manifests("sandboxes-environment-key", args.max_workers)
+    async with EmulatorServer(api_keys=[API_KEY]) as emulator, start_kube(workdir) as kube:
+        say(f"demo: Environments API emulator at {emulator.base_url}; simulated apiserver at {kube.url}")
+        for crd in all_crds().values():
+            kube.install_crd(crd)
+        kube.ensure_namespace(NAMESPACE)
+        kubelet = ProcessKubelet(kube, images={WORKER_IMAGE}, root=workdir / "node")
+        kubelet.start()
+        try:
+            async with operator_process(kube, emulator, workdir) as operator, \
+                    AsyncAnthropic(api_key=API_KEY, base_url=emulator.base_url) as api:
+                say("demo: operator started (environments-operator run); applying a self_hosted "
+                    "Environment, its key Secret and a WorkerPool")
+                environment, pool = manifests("sandboxes-environment-key", max_workers)
                 kube.create(ENVIRONMENTS, environment, NAMESPACE)
                 environment_id = await wait_until(
                     lambda: ((kube.get(ENVIRONMENTS, "sandboxes", NAMESPACE) or {}).get("status") or {}).get("id"),
-                    STARTUP_TIMEOUT_SECONDS, "the Environment to be created through the API", operator_alive)
-                api = AsyncAnthropic(api_key=API_KEY, base_url=emulator.base_url)
+                    STARTUP_TIMEOUT_SECONDS, "the Environment to be created through the API", operator.check)
                 issued = await api.post(f"/_emulator/environments/{environment_id}/environment-key",
                                         cast_to=object, body={})
                 assert isinstance(issued, dict)
@@ -307,51 +330,60 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
                 agent = await api.post("/_emulator/agents", cast_to=object,
                                        body={"name": "demo-agent", "script": AGENT_SCRIPT, "reply": AGENT_REPLY})
                 assert isinstance(agent, dict)
-                progress.say(f"demo: Environment {environment_id} ready; queueing {args.sessions} sessions of a "
-                             f"scripted agent ({', '.join(step['tool'] for step in AGENT_SCRIPT)})")
-                rows: list[SessionRow] = []
-                for _ in range(args.sessions):
-                    created = time.monotonic()
-                    session = await api.beta.sessions.create(agent=agent["id"], environment_id=environment_id)
-                    rows.append(SessionRow(session.id, created))
+                yield SimulatedWorld(kube, emulator, kubelet, operator, api, environment_id, agent["id"])
+        finally:
+            await kubelet.stop()
 
-                def all_served() -> bool:
-                    observe(rows, kube, emulator, len(AGENT_SCRIPT))
-                    progress.show(rows)
-                    return all(row.done for row in rows)
 
-                timeout = SERVE_TIMEOUT_SECONDS + SERVE_TIMEOUT_PER_SESSION_SECONDS * args.sessions
-                await wait_until(all_served, timeout, "every session to be served", operator_alive)
-                starts = [row.first_result_after for row in rows if row.first_result_after is not None]
-                failed_pods = {name: code for name, code in kubelet.exit_codes.items() if code != 0}
-                if failed_pods:
-                    raise DemoFailed(f"worker pods exited non-zero: {failed_pods}")
-                progress.say(f"demo: {len(rows)}/{args.sessions} sessions served (session start p50 "
-                             f"{statistics.median(starts):.2f} s, max {max(starts):.2f} s)")
-                if args.keep_running:
-                    await keep_running(progress, kube, emulator, environment_id, agent["id"], operator_alive)
+async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
+    progress = Progress(out, len(AGENT_SCRIPT), live=out.isatty())
+    workdir = Path(tempfile.mkdtemp(prefix="environments-operator-demo-"))
+    progress.say("demo: the Kubernetes cluster here is SIMULATED: a fake apiserver on loopback, and a kubelet\n"
+                 "      that runs each worker pod as a local process of the real `environments-operator worker`.")
+    try:
+        async with simulated_world(workdir, max_workers=args.max_workers, say=progress.say) as world:
+            progress.say(f"demo: Environment {world.environment_id} ready; queueing {args.sessions} sessions of a "
+                         f"scripted agent ({', '.join(step['tool'] for step in AGENT_SCRIPT)})")
+            rows: list[SessionRow] = []
+            for _ in range(args.sessions):
+                created = time.monotonic()
+                rows.append(SessionRow(await world.start_session(), created))
+
+            def all_served() -> bool:
+                observe(rows, world.kube, world.emulator, len(AGENT_SCRIPT))
+                progress.show(rows)
+                return all(row.done for row in rows)
+
+            timeout = SERVE_TIMEOUT_SECONDS + SERVE_TIMEOUT_PER_SESSION_SECONDS * args.sessions
+            await wait_until(all_served, timeout, "every session to be served", world.check)
+            starts = [row.first_result_after for row in rows if row.first_result_after is not None]
+            failed_pods = {name: code for name, code in world.kubelet.exit_codes.items() if code != 0}
+            if failed_pods:
+                raise DemoFailed(f"worker pods exited non-zero: {failed_pods}")
+            progress.say(f"demo: {len(rows)}/{args.sessions} sessions served (session start p50 "
+                         f"{statistics.median(starts):.2f} s, max {max(starts):.2f} s)")
+            if args.keep_running:
+                await keep_running(progress, world)
         return 0
     except DemoFailed as failure:
         progress.say(f"demo: failed: {failure}")
         return 1
     finally:
-        if kubelet is not None:
-            await kubelet.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def keep_running(progress: Progress, kube: Kube, emulator: EmulatorServer, environment_id: str,
-                       agent_id: str, check: Callable[[], None]) -> None:
+async def keep_running(progress: Progress, world: SimulatedWorld) -> None:
+    base_url = world.emulator.base_url
     progress.say(
         "demo: still running (Ctrl-C ends it and every process it started).\n"
-        f"  simulated cluster:  export KUBECONFIG={kube.kubeconfig}\n"
+        f"  simulated cluster:  export KUBECONFIG={world.kube.kubeconfig}\n"
         f"                      kubectl get environments,workerpools,pods -n {NAMESPACE}\n"
-        f"  emulator:           {emulator.base_url} (API key {API_KEY})\n"
-        "  queue a session:    curl -s -X POST "
-        f"{emulator.base_url}/v1/sessions -H 'x-api-key: {API_KEY}' -H 'content-type: application/json' "
-        f"-d '{{\"agent\": \"{agent_id}\", \"environment_id\": \"{environment_id}\"}}'")
+        f"  emulator:           {base_url} (API key {API_KEY})\n"
+        f"  queue a session:    curl -s -X POST {base_url}/v1/sessions -H 'x-api-key: {API_KEY}' "
+        f"-H 'content-type: application/json' "
+        f"-d '{{\"agent\": \"{world.agent_id}\", \"environment_id\": \"{world.environment_id}\"}}'")
     while True:
-        check()
+        world.check()
         await asyncio.sleep(1.0)
 
 
