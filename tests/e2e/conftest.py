@@ -54,6 +54,14 @@ NAMESPACE = "ns"
 SECRET_API_KEY = "sk-ant-api03-secret-ref-test-key"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of this directory is an end-to-end test: ``pytest -m e2e`` runs just them."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 def object_events(kube: Kube, namespace: str, name: str) -> list[tuple[str, str, str]]:
     """(type, reason, message) of every Event about the object ``name``."""
     return [(e.get("type", ""), e.get("reason", ""), e.get("message", ""))
