@@ -111,6 +111,15 @@ class TestFollowUpMessages:
         item = await worker.beta.environments.work.poll(pool.id, block_ms=100)
         assert item is not None and item.id != first.id and item.data.id == session.id
 
+    async def test_a_message_to_a_session_whose_environment_is_gone_queues_nothing(
+        self, emulator: EmulatorServer, api: AsyncAnthropic, pool: SelfHostedEnvironment
+    ) -> None:
+        session = await api.beta.sessions.create(agent=AGENT_ID, environment_id=pool.id)
+        await api.beta.environments.delete(pool.id)
+        await api.beta.sessions.events.send(session.id, events=[{"type": "user.message", "content": [text("?")]}])
+        assert emulator.state.work == {}
+        assert [event.type for event in await session_events(api, session.id)][-1] == "session.status_idle"
+
     async def test_a_message_during_a_turn_is_played_after_it(
         self, api: AsyncAnthropic, pool: SelfHostedEnvironment
     ) -> None:

@@ -538,10 +538,12 @@ class EmulatorState:
         checked = [self.player.check_sendable(session, event, f"events[{index}]") for index, event in enumerate(events)]
         self.player.reject_several_answers(checked)
         stored = [self.player.apply_sent(session, event) for event in checked]
-        if any(event["type"] == "user.message" for event in checked) and not self._held(session):
-            # "Work is queued when long-dormant sessions receive new messages."
-            if self.environments[session.environment_id].config["type"] == "self_hosted":
-                self.enqueue_work(session)
+        environment = self.environments.get(session.environment_id)
+        dormant = any(event["type"] == "user.message" for event in checked) and not self._held(session)
+        if dormant and environment is not None and environment.config["type"] == "self_hosted":
+            # "Work is queued when long-dormant sessions receive new messages." (A session whose
+            # environment was deleted keeps its log, but nothing can serve it any more.)
+            self.enqueue_work(session)
         return stored
 
     def _held(self, session: Session) -> bool:
