@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import datetime
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from environments_operator.devcluster.apimachinery import JSON
 from environments_operator.devcluster.kube import PODS, Kube
@@ -46,6 +46,16 @@ def container_statuses(pod: JSON, state: JSON, *, ready: bool, started: bool) ->
     return [{"name": container.get("name", ""), "image": container.get("image", ""), "imageID": "",
              "ready": ready, "started": started, "restartCount": 0, "state": state}
             for container in pod.get("spec", {}).get("containers", [])]
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[None] | None]) -> None:
+    """Cancel the tasks, and wait until each has ended."""
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    for task in running:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class Kubelet:
@@ -143,12 +153,7 @@ class Kubelet:
         self._auto_task = asyncio.create_task(self._auto(running_after, finish_after, exit_code, match))
 
     async def stop_auto(self) -> None:
-        tasks = [task for task in (self._auto_task, *self._pod_tasks) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([self._auto_task, *self._pod_tasks])
         self._auto_task = None
         self._pod_tasks.clear()
 

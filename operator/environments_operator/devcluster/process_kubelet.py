@@ -37,7 +37,13 @@ from pathlib import Path
 
 from environments_operator.devcluster.apimachinery import JSON, ApiError
 from environments_operator.devcluster.kube import PODS, SECRETS, Kube
-from environments_operator.devcluster.kubelet import Kubelet, condition, container_statuses, timestamp_now
+from environments_operator.devcluster.kubelet import (
+    Kubelet,
+    cancel_all,
+    condition,
+    container_statuses,
+    timestamp_now,
+)
 
 LOCAL_COMMAND = "environments-operator"
 DEFAULT_GRACE_SECONDS = 30
@@ -124,12 +130,7 @@ class ProcessKubelet:
 
     async def stop(self) -> None:
         """Stop watching, and end every process: SIGTERM to its group, SIGKILL after the grace."""
-        tasks = [task for task in (self._watcher, *self._pending.values()) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([self._watcher, *self._pending.values()])
         self._watcher = None
         running = list(self.processes.values())
         for pod in running:
