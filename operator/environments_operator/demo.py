@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -80,7 +81,6 @@ class SessionRow:
     """One session as the demo shows it."""
 
     session_id: str
-    created: float  # monotonic
     state: str = "queued"
     pod: str = ""
     phase: str = ""
@@ -252,7 +252,9 @@ def observe(rows: list[SessionRow], kube: Kube, emulator: EmulatorServer, tools_
         results = [e for e in session.events if e["type"] == "user.tool_result"]
         row.tools_done = len(results)
         if results and row.first_result_after is None:
-            row.first_result_after = time.monotonic() - row.created
+            # Both times are the emulator's, so a session found late (queued by hand) is timed right too.
+            row.first_result_after = (datetime.fromisoformat(results[0]["processed_at"])
+                                      - datetime.fromisoformat(session.created_at)).total_seconds()
         items = [item for item in state.work.values() if item.session_id == row.session_id]
         pod = pods.get(row.session_id)
         if pod is not None:
@@ -346,8 +348,7 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
                          f"scripted agent ({', '.join(step['tool'] for step in AGENT_SCRIPT)})")
             rows: list[SessionRow] = []
             for _ in range(args.sessions):
-                created = time.monotonic()
-                rows.append(SessionRow(await world.start_session(), created))
+                rows.append(SessionRow(await world.start_session()))
 
             def all_served() -> bool:
                 observe(rows, world.kube, world.emulator, len(AGENT_SCRIPT))
@@ -363,7 +364,7 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
             progress.say(f"demo: {len(rows)}/{args.sessions} sessions served (session start p50 "
                          f"{statistics.median(starts):.2f} s, max {max(starts):.2f} s)")
             if args.keep_running:
-                await keep_running(progress, world)
+                await keep_running(progress, world, rows)
         return 0
     except DemoFailed as failure:
         progress.say(f"demo: failed: {failure}")
@@ -372,7 +373,8 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def keep_running(progress: Progress, world: SimulatedWorld) -> None:
+async def keep_running(progress: Progress, world: SimulatedWorld, rows: list[SessionRow]) -> None:
+    """Stay up, and show every session of the environment as it runs, including those queued by hand."""
     base_url = world.emulator.base_url
     progress.say(
         "demo: still running (Ctrl-C ends it and every process it started).\n"
@@ -382,8 +384,15 @@ async def keep_running(progress: Progress, world: SimulatedWorld) -> None:
         f"  queue a session:    curl -s -X POST {base_url}/v1/sessions -H 'x-api-key: {API_KEY}' "
         f"-H 'content-type: application/json' "
         f"-d '{{\"agent\": \"{world.agent_id}\", \"environment_id\": \"{world.environment_id}\"}}'")
+    known = {row.session_id for row in rows}
     while True:
         world.check()
+        for session_id, session in world.emulator.state.sessions.items():
+            if session_id not in known and session.environment_id == world.environment_id:
+                known.add(session_id)
+                rows.append(SessionRow(session_id))
+        observe(rows, world.kube, world.emulator, len(AGENT_SCRIPT))
+        progress.show(rows)
         await asyncio.sleep(1.0)
 
 
