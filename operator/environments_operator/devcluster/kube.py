@@ -30,6 +30,7 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
   pod spec immutability (scheduling gates may only be removed); CRD schemas once installed with
   ``install_crd`` (defaults, pruning, 422 on type errors and on ``x-kubernetes-validations`` CEL rules,
   through ``crd_validation``);
+- printing: the ``Table`` that ``kubectl get`` asks for, with a CRD's printer columns (``tables``);
 - errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...).
 Not emulated: garbage collection (ownerReferences), admission, RBAC enforcement, server-side apply,
 graceful pod termination (a deleted pod without finalizers is gone at once), ``limit``/``continue``.
@@ -62,7 +63,7 @@ import attrs
 import kmock
 import yaml
 
-from environments_operator.devcluster import apimachinery, crd_validation, pruning
+from environments_operator.devcluster import apimachinery, crd_validation, pruning, tables
 from environments_operator.devcluster.apimachinery import JSON, ApiError
 from environments_operator.devcluster.recorder import ApiCall, RbacUse, record_call, save_to_env_record
 
@@ -392,7 +393,17 @@ class FakeApiServer(kmock.KubernetesEmulator):
         code, result = self._dispatch(resource, route, payload, raw.content_type, raw.query)
         if hold is not None and hold.apply_first:
             await self._stall(hold)
+        if code == 200 and route.verb in ("get", "list") and route.subresource is None \
+                and tables.wants_table(raw.headers.get("Accept")):
+            result = self._table(resource, route, result)
         return aiohttp.web.json_response(result, status=code)
+
+    def _table(self, resource: Resource, route: _Route, result: JSON) -> JSON:
+        """``result`` as the Table ``kubectl get`` asks for, with the CRD's printer columns."""
+        crd = None if resource.builtin else self.get_object(CRDS, None, f"{resource.plural}.{resource.group}")
+        objects = result.get("items", []) if route.verb == "list" else [result]
+        return tables.as_table(resource.kind, objects, crd=crd, version=resource.version,
+                               resource_version=(result.get("metadata") or {}).get("resourceVersion"))
 
     async def _stall(self, hold: Hold) -> None:
         hold.arrived.set()
