@@ -1,6 +1,6 @@
 """Pure decisions of the WorkerPool controller in ``PerWorkItem`` mode.
 
-The controller's I/O loop (``handlers/workerpool.py``) asks this module every question it has to
+The controller's I/O loop (the ``handlers/workerpool`` package) asks this module every question it has to
 answer, and only then acts:
 
 - **What is the pool serving?** ``parse_pool_spec`` and ``resolve_environment`` turn the spec and the

@@ -1,0 +1,92 @@
+"""The end of a deleted WorkerPool: force-stop its workers' items, delete its pods and Secrets.
+
+It owns nothing between calls. It reads the dispatcher the daemon left behind (its work queue client
+and the force-stops it still owed); when there is none, it resolves the environment and its key as
+the loop does (same index, same Secret read). It may not create anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import kopf
+
+from environments_operator import metrics
+from environments_operator.adapters.kube import KubeClient
+from environments_operator.adapters.work_api import WorkApiError, WorkQueue
+from environments_operator.domain import dispatch
+from environments_operator.domain.conditions import set_condition
+from environments_operator.domain.dispatch import Blocker
+from environments_operator.domain.worker_manifests import pool_selector
+from environments_operator.handlers.workerpool.context import Logger, PoolKey, utcnow
+from environments_operator.handlers.workerpool.loop import PoolDispatcher
+from environments_operator.handlers.workerpool.queue_access import read_environment_key
+from environments_operator.settings import OperatorSettings
+
+
+async def end_deleted_pool(*, name: str, namespace: str, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch,
+                           memo: Any, logger: Logger, dispatcher: PoolDispatcher | None,
+                           environments: kopf.Index[PoolKey, dispatch.EnvironmentEntry]) -> None:
+    """Force-stop the items of unfinished pods and those still owed a force-stop; delete pods and Secrets."""
+    queue = dispatcher.queue if dispatcher is not None else None
+    if queue is None:
+        queue = await _cleanup_queue(spec, namespace, memo, logger, environments)
+    kube: KubeClient = memo["kube"]
+    try:
+        selector = pool_selector(name)
+        pods = await kube.list("Pod", namespace, selector)
+        views = [view for view in (dispatch.worker_pod_view(pod) for pod in pods) if view is not None]
+        to_stop = {view.work_id for view in views if not view.finished}
+        to_stop |= set(dispatcher.pending_stops) if dispatcher is not None else set()
+        if queue is not None:
+            work_queue = queue
+
+            async def stop(work_id: str) -> None:
+                try:
+                    await work_queue.stop(work_id, force=True)
+                except WorkApiError as exc:
+                    logger.warning("force-stopping work item %s failed (its lease will expire): %s", work_id, exc)
+
+            await asyncio.gather(*(stop(work_id) for work_id in sorted(to_stop)))
+        summary = (f"{len(views)} worker pods removed; "
+                   f"{len(to_stop) if queue is not None else 0} work items force-stopped")
+        logger.info("WorkerPool deleted: %s", summary)
+        await asyncio.gather(*(kube.delete_if_present("Pod", namespace, view.name) for view in views))
+        secrets = await kube.list("Secret", namespace, selector)
+        await asyncio.gather(*(kube.delete_if_present("Secret", namespace, str(secret["metadata"]["name"]))
+                               for secret in secrets))
+    finally:
+        if queue is not None:
+            await queue.close()
+    metrics.forget_pool(namespace, name)
+    # Say what happened; this write is also the event on which kopf sees the daemon gone and releases
+    # the finalizer at once (it would otherwise wait out the daemon's cancellation backoff).
+    patch.status["conditions"] = set_condition(
+        list(status.get("conditions") or []), type=dispatch.CONDITION_READY, status="False", reason="Deleting",
+        message=f"the WorkerPool is being deleted: {summary}", observed_generation=None, now=utcnow())
+
+
+async def _cleanup_queue(spec: kopf.Spec, namespace: str, memo: Any, logger: Logger,
+                         environments: kopf.Index[PoolKey, dispatch.EnvironmentEntry]) -> WorkQueue | None:
+    """A work queue client for a pool whose dispatcher is not running (e.g. deleted while the operator was down).
+
+    It resolves the environment and its key as the dispatch loop does (same index, same Secret read).
+    """
+    settings: OperatorSettings = memo["settings"]
+    parsed = dispatch.parse_pool_spec(spec)
+    if isinstance(parsed, Blocker):
+        problem = parsed
+    else:
+        resolved = dispatch.resolve_environment(parsed, namespace, environments)
+        if isinstance(resolved, Blocker):
+            problem = resolved
+        else:
+            key = await read_environment_key(memo["kube"], namespace, parsed)
+            if not isinstance(key, Blocker):
+                return WorkQueue(environment_id=resolved, environment_key=key, base_url=settings.base_url,
+                                 worker_id=f"environments-operator/{namespace}/cleanup")
+            problem = key
+    logger.warning("the work items of the deleted pool's unfinished pods cannot be force-stopped (%s); "
+                   "their leases will expire instead", problem.message)
+    return None

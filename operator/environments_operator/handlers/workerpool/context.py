@@ -1,0 +1,97 @@
+"""What every part of one pool's controller shares: who the pool is, its clients, its wake-up flag, and its slots.
+
+It owns the pool's identity, the kube client and settings, the pod index, the wake-up flag, the live spec
+and blocker of the current pass (written by the loop only), and the count of occupied slots: the item
+ids being dispatched right now and the pods created but not yet seen by the pod watch.
+
+It may not decide anything (decisions are ``domain`` functions) nor talk to the work queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from environments_operator.adapters.kube import KubeApiError, KubeClient
+from environments_operator.domain import dispatch
+from environments_operator.domain.dispatch import Blocker, WorkerPodView
+from environments_operator.domain.worker_manifests import PoolIdentity
+from environments_operator.domain.workerpool import WorkerPoolSpec
+from environments_operator.settings import OperatorSettings
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+PoolKey = tuple[str, str]
+
+WAKERS = "workerpool_wakers"
+
+# A pod we created is counted as ours until the pod watch shows it, at most this long.
+CREATED_POD_VISIBLE_WITHIN_SECONDS = 30.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def pool_wakers(memo: Any) -> dict[PoolKey, asyncio.Event]:
+    """The wake-up flag of each running pool loop, keyed by (namespace, name)."""
+    wakers: dict[PoolKey, asyncio.Event] = memo[WAKERS]
+    return wakers
+
+
+class PoolContext:
+    """One pool's identity, clients and shared slot count; the parts of its controller all hold the same one."""
+
+    def __init__(self, *, body: kopf.Body, logger: Logger, kube: KubeClient, settings: OperatorSettings,
+                 pods: kopf.Index[PoolKey, WorkerPodView]) -> None:
+        self.body = body
+        self.logger = logger
+        self.kube = kube
+        self.settings = settings
+        self.pods = pods
+        metadata = body.get("metadata") or {}
+        self.namespace = str(metadata.get("namespace") or "")
+        self.name = str(metadata.get("name") or "")
+        self.identity = PoolIdentity(namespace=self.namespace, name=self.name, uid=str(metadata.get("uid") or ""))
+        self.key: PoolKey = (self.namespace, self.name)
+        self.wake = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        # Pollers read spec and blocker while a pass awaits: the loop replaces both only when known.
+        self.spec: WorkerPoolSpec | None = None
+        self.blocker: Blocker | None = None
+        self.stopping = False
+        self.dispatching: set[str] = set()  # work ids between claim and the end of their dispatch
+        # work id -> when its pod was created, until the pod watch shows that pod
+        self.created_unseen: dict[str, float] = {}
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def views(self) -> list[WorkerPodView]:
+        return list(self.pods.get(self.key, []))
+
+    def namespace_views(self) -> Iterable[WorkerPodView]:
+        for (namespace, _pool), store in self.pods.items():
+            if namespace == self.namespace:
+                yield from store
+
+    def occupied(self) -> int:
+        now, views = self.now(), self.views()
+        visible = {view.work_id for view in views}
+        for work_id, created_at in list(self.created_unseen.items()):
+            if work_id in visible or now - created_at > CREATED_POD_VISIBLE_WITHIN_SECONDS:
+                del self.created_unseen[work_id]
+        return dispatch.occupied_slots(dispatch.unfinished_work_ids(views), self.dispatching | set(self.created_unseen))
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        kopf.event(self.body, type=type_, reason=reason, message=message)
+
+    async def delete_quietly(self, kind: str, name: str) -> None:
+        try:
+            await self.kube.delete_if_present(kind, self.namespace, name)
+        except KubeApiError as exc:
+            self.logger.warning("deleting %s %s/%s failed: %s", kind, self.namespace, name, exc)

@@ -1,0 +1,138 @@
+"""The poller group of one pool: the tasks that claim work items, their polls in flight, and the poll backoff.
+
+One long-poll runs when the pool is idle; each claim starts one more poller while capacity is left (so
+a burst is served by pipelined pollers); an empty poll retires all but one. Whether a poll may start,
+grow or retire is a ``domain.dispatch`` decision; each claimed item goes to the item dispatcher.
+
+It owns the poller tasks, the subset of them inside a poll request, and the backoff of failed polls.
+It may not create pods or Secrets, nor read the environment key: a rejected key is reported to the
+queue access part, which re-reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from environments_operator.adapters.work_api import WorkApiError
+from environments_operator.domain import dispatch
+from environments_operator.domain.dispatch import Blocker
+from environments_operator.handlers.workerpool.context import PoolContext
+from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
+from environments_operator.handlers.workerpool.queue_access import QueueAccess
+
+# At shutdown, dispatches already past their claim get this long to create their pod and ack.
+DISPATCH_DRAIN_SECONDS = 10.0
+
+
+class PollerGroup:
+    """Keeps pollers running while the pool has capacity, and pauses them after failed polls."""
+
+    def __init__(self, ctx: PoolContext, access: QueueAccess, items: ItemDispatcher) -> None:
+        self.ctx = ctx
+        self.access = access
+        self.items = items
+        self.pollers: set[asyncio.Task[None]] = set()
+        self.polls_in_flight: set[asyncio.Task[None]] = set()  # the pollers inside a poll request right now
+        self.poll_failures = 0
+        self.poll_problem: Blocker | None = None
+        self.poll_paused_until = 0.0
+
+    def reset_backoff(self) -> None:
+        self.poll_problem, self.poll_failures, self.poll_paused_until = None, 0, 0.0
+
+    def _may_poll(self) -> bool:
+        ctx = self.ctx
+        now = ctx.now()
+        return (
+            not ctx.stopping and ctx.spec is not None and ctx.blocker is None and self.access.queue is not None
+            and now >= self.poll_paused_until and now >= self.items.dispatch_paused_until
+            and dispatch.can_start_poll(max_workers=ctx.spec.maxWorkers, occupied=ctx.occupied(),
+                                        polling=len(self.polls_in_flight))
+        )
+
+    def ensure_poller(self) -> None:
+        if not self.pollers and self._may_poll():
+            self._start_poller()
+
+    def _start_poller(self) -> None:
+        task = asyncio.create_task(self._poller(), name=f"workerpool-poller-{self.ctx.namespace}/{self.ctx.name}")
+        self.pollers.add(task)
+
+    def cancel_polls(self) -> None:
+        """Cancel the polls in flight; dispatches already past their claim finish on their own."""
+        for task in list(self.polls_in_flight):
+            task.cancel()
+
+    async def stop(self) -> None:
+        self.cancel_polls()
+        if self.pollers:
+            _, pending = await asyncio.wait(set(self.pollers), timeout=DISPATCH_DRAIN_SECONDS)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self.pollers.clear()
+
+    async def _poller(self) -> None:
+        ctx = self.ctx
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            while self._may_poll():
+                queue, spec = self.access.queue, ctx.spec
+                assert queue is not None and spec is not None
+                self.polls_in_flight.add(task)
+                try:
+                    item = await queue.poll(block_ms=spec.poll.blockMs,
+                                            reclaim_older_than_ms=spec.poll.reclaimOlderThanMs)
+                except WorkApiError as exc:
+                    self._on_poll_error(exc)
+                    return
+                finally:
+                    self.polls_in_flight.discard(task)
+                claimed_at = ctx.now()
+                self._on_poll_success()
+                if item is None:
+                    if dispatch.poller_should_retire(pollers=len(self.pollers), poll_was_empty=True):
+                        self.pollers.discard(task)  # at once, so that a sibling's check sees one fewer
+                        return
+                    continue
+                ctx.dispatching.add(item.work_id)
+                try:
+                    if ctx.stopping:
+                        return  # not acknowledged: offered again after the reclaim window
+                    if dispatch.should_add_poller(max_workers=spec.maxWorkers, occupied=ctx.occupied(),
+                                                  polling=len(self.polls_in_flight), pollers=len(self.pollers)):
+                        self._start_poller()
+                    await self.items.dispatch(queue, spec, item, claimed_at)
+                finally:
+                    ctx.dispatching.discard(item.work_id)
+        except Exception:
+            # A bug must not silently shrink the pollers: say so, pause, and let the loop start afresh.
+            # The item in hand, if any, was not acknowledged and is offered again after the reclaim window.
+            ctx.logger.exception("a work-queue poller failed")
+            self.poll_paused_until = max(self.poll_paused_until, ctx.now() + 1.0)
+        finally:
+            self.pollers.discard(task)
+            ctx.wake.set()
+
+    def _on_poll_success(self) -> None:
+        if self.poll_failures or self.poll_problem:
+            self.poll_failures, self.poll_problem = 0, None
+            self.ctx.wake.set()
+
+    def _on_poll_error(self, exc: WorkApiError) -> None:
+        self.poll_failures += 1
+        plan = dispatch.after_failed_poll(
+            failures=self.poll_failures, status=exc.status, retryable=exc.retryable,
+            credential_rejected=exc.credential_rejected, retry_after=exc.retry_after, api_message=exc.message,
+            error=str(exc))
+        self.poll_paused_until = max(self.poll_paused_until, self.ctx.now() + plan.pause_seconds)
+        if plan.reread_key:
+            self.access.reread_key()
+        if plan.blocker is not None:
+            self.poll_problem = plan.blocker
+        if self.poll_failures == 1 or self.poll_problem is not None:
+            self.ctx.logger.warning("polling the work queue failed (attempt %d, next in %.1fs): %s",
+                                    self.poll_failures, plan.pause_seconds, exc)
+        self.ctx.wake.set()
