@@ -19,6 +19,11 @@ from environments_operator.adapters.work_api import ClaimedWork, WorkApiError, W
 from environments_operator.domain import dispatch
 from environments_operator.domain.conditions import rfc3339
 from environments_operator.domain.dispatch import DispatchFailure
+from environments_operator.domain.pool_loop import (
+    DISPATCH_BACKOFF_BASE_SECONDS,
+    DISPATCH_BACKOFF_CAP_SECONDS,
+    should_post_failure_event,
+)
 from environments_operator.domain.worker_manifests import (
     WorkAssignment,
     build_work_secret,
@@ -112,12 +117,13 @@ class ItemDispatcher:
     def _on_dispatch_failure(self, failure: DispatchFailure) -> None:
         ctx = self.ctx
         self.dispatch_failures += 1
-        pause = dispatch.backoff_seconds(self.dispatch_failures, base=1.0, cap=60.0)
+        pause = dispatch.backoff_seconds(self.dispatch_failures, base=DISPATCH_BACKOFF_BASE_SECONDS,
+                                         cap=DISPATCH_BACKOFF_CAP_SECONDS)
         self.dispatch_paused_until = max(self.dispatch_paused_until, ctx.now() + pause)
         new = self.dispatch_failure is None or self.dispatch_failure.reason != failure.reason
         self.dispatch_failure = failure
         ctx.logger.warning("%s (pausing dispatch for %.0fs)", failure.message, pause)
-        if new or self.dispatch_failures % 10 == 1:
+        if should_post_failure_event(failures=self.dispatch_failures, reason_is_new=new):
             ctx.event("Warning", "DispatchFailed", failure.message)
         metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason="DispatchFailed").inc()
         ctx.wake.set()

@@ -19,6 +19,7 @@ from environments_operator.adapters.kube import KubeApiError
 from environments_operator.adapters.work_api import WorkApiError, WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.dispatch import PodMemory, WorkerPodView
+from environments_operator.domain.pool_loop import STOP_RETRY_SECONDS
 from environments_operator.domain.worker_manifests import pool_selector, work_secret_name
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
@@ -75,7 +76,7 @@ class WorkerLifecycle:
     async def _stop_pending(self) -> None:
         queue = self.queue()
         if queue is None:
-            self.stop_retry_at = self.ctx.now() + 5.0
+            self.stop_retry_at = self.ctx.now() + STOP_RETRY_SECONDS
             return
 
         async def stop(work_id: str) -> bool:
@@ -91,7 +92,7 @@ class WorkerLifecycle:
         for work_id, done in zip(work_ids, results, strict=True):
             if done:
                 self.pending_stops.pop(work_id, None)
-        self.stop_retry_at = self.ctx.now() + (5.0 if self.pending_stops else 0.0)
+        self.stop_retry_at = self.ctx.now() + (STOP_RETRY_SECONDS if self.pending_stops else 0.0)
 
     async def delete_worker(self, work_id: str, pod_name: str) -> None:
         self.memory.deleted[pod_name] = utcnow()

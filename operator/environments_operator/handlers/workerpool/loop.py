@@ -23,6 +23,14 @@ from environments_operator.adapters.work_api import WorkApiError, WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.common import GROUP, VERSION
 from environments_operator.domain.dispatch import Blocker, WorkerPodView
+from environments_operator.domain.pool_loop import (
+    FAILED_PASS_RETRY_SECONDS,
+    MAX_NAP_SECONDS,
+    STATUS_MIN_INTERVAL_SECONDS,
+    NapInputs,
+    nap_length,
+    stats_interval,
+)
 from environments_operator.domain.workerpool import PLURAL as WORKER_POOLS
 from environments_operator.domain.workerpool import QueueStatus, WorkerPoolSpec, WorkerPoolStatus
 from environments_operator.handlers.workerpool.context import Logger, PoolContext, PoolKey, pool_wakers, utcnow
@@ -32,18 +40,8 @@ from environments_operator.handlers.workerpool.pollers import PollerGroup
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
 from environments_operator.settings import OperatorSettings
 
-# Queue stats feed status only; at capacity (when the pool does not poll) they are the only signal
-# of the backlog, so they are read more often then.
-STATS_INTERVAL_SECONDS = 10.0
-STATS_INTERVAL_AT_CAPACITY_SECONDS = 2.0
-# Status is a summary, not a log: one write per second at most, however busy the pool is.
-STATUS_MIN_INTERVAL_SECONDS = 1.0
-# While blocked, the loop looks again this often (Secrets are read, not watched).
-BLOCKED_RETRY_SECONDS = 5.0
 # How long the loop lets wake-ups accumulate before a pass (a burst's pod events, one pass).
 COALESCE_SECONDS = 0.02
-# Upper bound of the loop's sleep: a missed wake-up costs at most this much.
-MAX_NAP_SECONDS = 30.0
 
 
 class PoolDispatcher:
@@ -94,7 +92,7 @@ class PoolDispatcher:
                 except Exception:
                     # One failed pass must not end dispatch; the next pass starts from the indices again.
                     ctx.logger.exception("WorkerPool pass failed; retrying")
-                    nap = 1.0
+                    nap = FAILED_PASS_RETRY_SECONDS
                 await self._nap(nap, stopped)
                 # Pod events come in bursts: let them settle into the index, and act on them together.
                 await asyncio.sleep(COALESCE_SECONDS)
@@ -142,29 +140,26 @@ class PoolDispatcher:
         return self._nap_length(now)
 
     def _nap_length(self, now: float) -> float:
-        deadlines = [MAX_NAP_SECONDS]
-        if self.stats_at is not None and self.access.queue is not None and self.ctx.blocker is None:
-            deadlines.append(max(0.0, self.stats_at + self._stats_interval() - now))
-        if self.lifecycle.next_lifecycle_check is not None:
-            deadlines.append(self.lifecycle.next_lifecycle_check)
-        if self.ctx.blocker is not None:
-            # Environment and spec changes wake the loop; a Secret (not watched) is re-read on this beat.
-            deadlines.append(max(self.access.key_retry_at - now, BLOCKED_RETRY_SECONDS))
-        for until in (self.pollers.poll_paused_until, self.items.dispatch_paused_until):
-            if until > now:
-                deadlines.append(until - now)
-        if self.lifecycle.pending_stops:
-            deadlines.append(max(0.0, self.lifecycle.stop_retry_at - now))
-        if self._status_dirty:
-            deadlines.append(max(0.0, self.status_written_at + STATUS_MIN_INTERVAL_SECONDS - now))
-        return min(deadlines)
+        blocked = self.ctx.blocker is not None
+        stats_due = self.stats_at is not None and self.access.queue is not None and not blocked
+        return nap_length(NapInputs(
+            now=now,
+            stats_due_at=self.stats_at + self._stats_interval() if stats_due and self.stats_at is not None else None,
+            lifecycle_check_in=self.lifecycle.next_lifecycle_check,
+            key_retry_at=self.access.key_retry_at if blocked else None,
+            poll_paused_until=self.pollers.poll_paused_until,
+            dispatch_paused_until=self.items.dispatch_paused_until,
+            stop_retry_at=self.lifecycle.stop_retry_at if self.lifecycle.pending_stops else None,
+            status_write_due_at=self.status_written_at + STATUS_MIN_INTERVAL_SECONDS if self._status_dirty else None,
+        ))
 
     # ----- reporting --------------------------------------------------------------------------------
 
     def _stats_interval(self) -> float:
         spec = self.ctx.spec
-        at_capacity = spec is not None and self.ctx.occupied() >= spec.maxWorkers
-        return STATS_INTERVAL_AT_CAPACITY_SECONDS if at_capacity else STATS_INTERVAL_SECONDS
+        if spec is None:
+            return stats_interval(max_workers=None, occupied=0)
+        return stats_interval(max_workers=spec.maxWorkers, occupied=self.ctx.occupied())
 
     async def _refresh_stats(self, now: float) -> None:
         ctx, queue = self.ctx, self.access.queue

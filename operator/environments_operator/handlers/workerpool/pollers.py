@@ -16,6 +16,7 @@ import asyncio
 from environments_operator.adapters.work_api import WorkApiError
 from environments_operator.domain import dispatch
 from environments_operator.domain.dispatch import Blocker
+from environments_operator.domain.pool_loop import POLLER_CRASH_PAUSE_SECONDS, may_poll
 from environments_operator.handlers.workerpool.context import PoolContext
 from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
@@ -42,13 +43,12 @@ class PollerGroup:
 
     def _may_poll(self) -> bool:
         ctx = self.ctx
-        now = ctx.now()
-        return (
-            not ctx.stopping and ctx.spec is not None and ctx.blocker is None and self.access.queue is not None
-            and now >= self.poll_paused_until and now >= self.items.dispatch_paused_until
-            and dispatch.can_start_poll(max_workers=ctx.spec.maxWorkers, occupied=ctx.occupied(),
-                                        polling=len(self.polls_in_flight))
-        )
+        spec, now = ctx.spec, ctx.now()
+        return may_poll(
+            stopping=ctx.stopping, max_workers=spec.maxWorkers if spec else None, blocked=ctx.blocker is not None,
+            has_queue=self.access.queue is not None, now=now, poll_paused_until=self.poll_paused_until,
+            dispatch_paused_until=self.items.dispatch_paused_until, occupied=ctx.occupied(),
+            polls_in_flight=len(self.polls_in_flight))
 
     def ensure_poller(self) -> None:
         if not self.pollers and self._may_poll():
@@ -111,7 +111,7 @@ class PollerGroup:
             # A bug must not silently shrink the pollers: say so, pause, and let the loop start afresh.
             # The item in hand, if any, was not acknowledged and is offered again after the reclaim window.
             ctx.logger.exception("a work-queue poller failed")
-            self.poll_paused_until = max(self.poll_paused_until, ctx.now() + 1.0)
+            self.poll_paused_until = max(self.poll_paused_until, ctx.now() + POLLER_CRASH_PAUSE_SECONDS)
         finally:
             self.pollers.discard(task)
             ctx.wake.set()

@@ -16,6 +16,7 @@ from environments_operator.adapters.kube import KubeApiError, KubeClient, Secret
 from environments_operator.adapters.work_api import WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.dispatch import Blocker
+from environments_operator.domain.pool_loop import KEY_BACKOFF_BASE_SECONDS, KEY_BACKOFF_CAP_SECONDS
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext
 
@@ -62,7 +63,8 @@ class QueueAccess:
         key = await read_environment_key(ctx.kube, ctx.namespace, spec)
         if isinstance(key, Blocker):
             self.key_failures += 1
-            self.key_retry_at = now + dispatch.backoff_seconds(self.key_failures, base=1.0, cap=30.0)
+            self.key_retry_at = now + dispatch.backoff_seconds(self.key_failures, base=KEY_BACKOFF_BASE_SECONDS,
+                                                                cap=KEY_BACKOFF_CAP_SECONDS)
             self.key_problem = key
             return self.key_problem
         self.key_failures, self.key_problem = 0, None
