@@ -17,7 +17,6 @@ from environments_operator.domain.dispatch import (
     PodMemory,
     WorkerPodView,
     after_failed_poll,
-    backoff_seconds,
     can_start_poll,
     desired_workers,
     dispatch_failure,
@@ -29,7 +28,6 @@ from environments_operator.domain.dispatch import (
     plan_lifecycle,
     poller_should_retire,
     pool_conditions,
-    queue_status_from_stats,
     resolve_environment,
     should_add_poller,
     start_timeout_message,
@@ -37,8 +35,9 @@ from environments_operator.domain.dispatch import (
     worker_counts,
     worker_pod_view,
 )
+from environments_operator.domain.vocabulary import backoff_seconds
 from environments_operator.domain.worker_manifests import worker_pod_name
-from environments_operator.domain.workerpool import WorkerPoolSpec
+from environments_operator.domain.workerpool import WorkerPoolSpec, queue_status_from_stats
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 KEY_REF = {"name": "env-key", "key": "key"}

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 from environments_operator import metrics
 from environments_operator.adapters.api_errors import failure_of
-from environments_operator.domain.dispatch import backoff_seconds, queue_status_from_stats
-from environments_operator.domain.workerpool import QueueStatus
+from environments_operator.domain.vocabulary import backoff_seconds
+from environments_operator.domain.workerpool import QueueStatus, queue_status_from_stats
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from environments_operator.domain.conditions import ConditionDict, set_condition
+from environments_operator.domain.vocabulary import Problem, backoff_seconds, parse_time, validation_message
 from environments_operator.domain.worker_manifests import (
     ANNOTATION_WORK_ID,
     ANNOTATION_WORKER_POOL,
@@ -36,7 +37,7 @@ from environments_operator.domain.worker_manifests import (
     LABEL_WORKER_POOL,
     worker_pod_name,
 )
-from environments_operator.domain.workerpool import QueueStatus, WorkerCounts, WorkerPoolSpec
+from environments_operator.domain.workerpool import WorkerCounts, WorkerPoolSpec
 
 # Upper bound on pipelined polls per pool: enough to hide a round trip per item in a burst, and
 # well within the Kubernetes client's thread pool, which every dispatch of every pool shares.
@@ -60,35 +61,41 @@ CONDITION_READY = "Ready"
 CONDITION_AT_CAPACITY = "AtCapacity"
 CONDITION_DISPATCH_FAILING = "DispatchFailing"
 
+# Condition reasons (CamelCase, machine-readable), as ``environment_sync`` names its own.
+# Ready=False: why the pool cannot dispatch.
+INVALID_SPEC = "InvalidSpec"
+MODE_NOT_SUPPORTED = "ModeNotSupported"
+ENVIRONMENT_NOT_FOUND = "EnvironmentNotFound"
+ENVIRONMENT_NOT_SELF_HOSTED = "EnvironmentNotSelfHosted"
+ENVIRONMENT_ARCHIVED = "EnvironmentArchived"
+ENVIRONMENT_NOT_READY = "EnvironmentNotReady"
+ENVIRONMENT_KEY_UNAVAILABLE = "EnvironmentKeyUnavailable"
+ENVIRONMENT_KEY_REJECTED = "EnvironmentKeyRejected"
+POLL_REJECTED = "PollRejected"
+WORK_QUEUE_UNAVAILABLE = "WorkQueueUnavailable"
+DELETING = "Deleting"
+# Ready=True, AtCapacity, DispatchFailing=False.
+SERVING = "Serving"
+MAX_WORKERS_REACHED = "MaxWorkersReached"
+BELOW_CAPACITY = "BelowCapacity"
+DISPATCHING = "Dispatching"
+
 
 # ----- what the pool serves -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Blocker:
-    """Why a pool cannot dispatch right now: a CamelCase ``reason`` and a message naming the cause."""
-
-    reason: str
-    message: str
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """A one-line account of a spec validation error: each failing field and why."""
-    parts = []
-    for error in exc.errors():
-        location = ".".join(str(part) for part in error.get("loc", ()))
-        parts.append(f"spec.{location}: {error.get('msg')}" if location else f"spec: {error.get('msg')}")
-    return "; ".join(parts)
+# Why a pool cannot dispatch right now (the reason is Ready's): one shared ``Problem``.
+Blocker = Problem
 
 
 def parse_pool_spec(spec: Mapping[str, Any]) -> WorkerPoolSpec | Blocker:
     try:
         parsed = WorkerPoolSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        return Blocker("InvalidSpec", describe_validation_error(exc))
+        return Blocker(INVALID_SPEC, validation_message(exc))
     if parsed.mode != "PerWorkItem":
         return Blocker(
-            "ModeNotSupported",
+            MODE_NOT_SUPPORTED,
             f"mode {parsed.mode} is not supported yet; only PerWorkItem pools dispatch work",
         )
     return parsed
@@ -130,17 +137,17 @@ def resolve_environment(spec: WorkerPoolSpec, namespace: str, environments: Envi
     name = spec.environmentRef.name
     entries = list(environments.get((namespace, name), ()))
     if not entries:
-        return Blocker("EnvironmentNotFound", f"Environment {name!r} not found in namespace {namespace}")
+        return Blocker(ENVIRONMENT_NOT_FOUND, f"Environment {name!r} not found in namespace {namespace}")
     entry = entries[0]
     if entry.type is not None and entry.type != "self_hosted":
         return Blocker(
-            "EnvironmentNotSelfHosted",
+            ENVIRONMENT_NOT_SELF_HOSTED,
             f"Environment {name!r} is {entry.type}; a WorkerPool serves only self_hosted environments",
         )
     if entry.archived:
-        return Blocker("EnvironmentArchived", f"Environment {name!r} is archived and takes no new work")
+        return Blocker(ENVIRONMENT_ARCHIVED, f"Environment {name!r} is archived and takes no new work")
     if not entry.id:
-        return Blocker("EnvironmentNotReady", f"Environment {name!r} has no status.id yet (not synced)")
+        return Blocker(ENVIRONMENT_NOT_READY, f"Environment {name!r} has no status.id yet (not synced)")
     return entry.id
 
 
@@ -167,11 +174,6 @@ def should_add_poller(*, max_workers: int, occupied: int, polling: int, pollers:
 def poller_should_retire(*, pollers: int, poll_was_empty: bool) -> bool:
     """An empty poll means the burst is over: all but the last poller go away."""
     return poll_was_empty and pollers > 1
-
-
-def backoff_seconds(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
-    """Exponential backoff for the ``attempt``-th consecutive failure (1-based), capped."""
-    return float(min(cap, base * 2 ** max(0, attempt - 1)))
 
 
 @dataclass(frozen=True)
@@ -203,25 +205,16 @@ def after_failed_poll(
     pause = max(backoff_seconds(failures), retry_after or 0.0)
     blocker: Blocker | None = None
     if credential_rejected:
-        blocker = Blocker("EnvironmentKeyRejected", f"the API rejected the environment key ({status}): {api_message}")
+        blocker = Blocker(ENVIRONMENT_KEY_REJECTED, f"the API rejected the environment key ({status}): {api_message}")
     elif not retryable:
-        blocker = Blocker("PollRejected", f"polling the work queue failed: {error}")
+        blocker = Blocker(POLL_REJECTED, f"polling the work queue failed: {error}")
     elif failures >= POLL_FAILURES_BEFORE_NOT_READY:
         blocker = Blocker(
-            "WorkQueueUnavailable", f"{failures} polls in a row failed, retrying with backoff; last: {error}")
+            WORK_QUEUE_UNAVAILABLE, f"{failures} polls in a row failed, retrying with backoff; last: {error}")
     return PollFailurePlan(pause_seconds=pause, blocker=blocker, reread_key=credential_rejected)
 
 
 # ----- pods -----------------------------------------------------------------------------------------
-
-
-def parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -504,12 +497,8 @@ def desired_workers(*, max_workers: int, active: int, depth: int | None) -> int:
     return min(max_workers, active + (depth or 0))
 
 
-@dataclass(frozen=True)
-class DispatchFailure:
-    """A refused Secret or Pod creation: why, and what Kubernetes said."""
-
-    reason: str
-    message: str
+# A refused Secret or Pod creation: why (DispatchFailing's reason), and what Kubernetes said.
+DispatchFailure = Problem
 
 
 AckFailureAction = Literal["offer_again", "keep_pod", "remove_pod"]
@@ -567,18 +556,18 @@ def pool_conditions(
         conditions = set_condition(conditions, type=CONDITION_READY, status="False", reason=blocker.reason,
                                    message=blocker.message, observed_generation=generation, now=now)
     else:
-        conditions = set_condition(conditions, type=CONDITION_READY, status="True", reason="Serving",
+        conditions = set_condition(conditions, type=CONDITION_READY, status="True", reason=SERVING,
                                    message=f"serving the work queue of environment {environment_id}",
                                    observed_generation=generation, now=now)
     backlog = depth or 0
     if active >= max_workers:
         conditions = set_condition(
-            conditions, type=CONDITION_AT_CAPACITY, status="True", reason="MaxWorkersReached",
+            conditions, type=CONDITION_AT_CAPACITY, status="True", reason=MAX_WORKERS_REACHED,
             message=f"{active} unfinished worker pods (maxWorkers {max_workers}); {backlog} items waiting",
             observed_generation=generation, now=now)
     else:
         conditions = set_condition(
-            conditions, type=CONDITION_AT_CAPACITY, status="False", reason="BelowCapacity",
+            conditions, type=CONDITION_AT_CAPACITY, status="False", reason=BELOW_CAPACITY,
             message=f"{active} of {max_workers} workers in use; {backlog} items waiting",
             observed_generation=generation, now=now)
     if dispatch_failure is not None:
@@ -587,15 +576,5 @@ def pool_conditions(
                                    observed_generation=generation, now=now)
     else:
         conditions = set_condition(conditions, type=CONDITION_DISPATCH_FAILING, status="False",
-                                   reason="Dispatching", message="", observed_generation=generation, now=now)
+                                   reason=DISPATCHING, message="", observed_generation=generation, now=now)
     return conditions
-
-
-def queue_status_from_stats(stats: Mapping[str, Any]) -> QueueStatus:
-    """The API's queue stats (snake_case) as the status's ``queue`` block."""
-    return QueueStatus(
-        depth=stats.get("depth"),
-        pending=stats.get("pending"),
-        oldestQueuedAt=parse_time(stats.get("oldest_queued_at")),
-        workersPolling=stats.get("workers_polling"),
-    )

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from environments_operator.domain.api_failure import ApiFailure
 from environments_operator.domain.common import GROUP, ConditionStatus
 from environments_operator.domain.conditions import ConditionDict, get_condition, rfc3339, set_condition
 from environments_operator.domain.environment import EnvironmentConfig, EnvironmentSpec, Networking
+from environments_operator.domain.vocabulary import backoff_seconds, parse_time
+from environments_operator.domain.vocabulary import validation_message as validation_message  # one formatter
 
 JSON = dict[str, Any]
 
@@ -136,16 +136,6 @@ class RemoteEnvironment:
         )
 
 
-def parse_time(value: str | None) -> datetime | None:
-    """An RFC 3339 timestamp as an aware datetime; None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 # ----- spec -> API -----------------------------------------------------------------------------------
 
 
@@ -154,15 +144,6 @@ def spec_problem(spec: EnvironmentSpec) -> str | None:
     if spec.metadata and UID_METADATA_KEY in spec.metadata:
         return f"spec.metadata.{UID_METADATA_KEY}: reserved for the operator (it records the resource UID)"
     return None
-
-
-def validation_message(error: ValidationError) -> str:
-    """A pydantic validation error as one line per field: ``spec.config.type: <reason>``."""
-    lines = []
-    for item in error.errors():
-        path = ".".join(str(part) for part in ("spec", *item.get("loc", ())))
-        lines.append(f"{path}: {item.get('msg', 'invalid')}")
-    return "; ".join(lines)
 
 
 def environment_name(spec: EnvironmentSpec, resource_name: str) -> str:
@@ -512,9 +493,8 @@ RETRY_AFTER_CAP_SECONDS = 3600.0
 
 
 def backoff_delay(retry: int, *, base: float = BACKOFF_BASE_SECONDS, cap: float = BACKOFF_CAP_SECONDS) -> float:
-    """Exponential backoff for the ``retry``-th retry (0 for the first), capped."""
-    exponent: int = min(max(retry, 0), 30)
-    return min(cap, base * float(2**exponent))
+    """The shared backoff curve for the ``retry``-th retry (0 for the first), with this controller's base and cap."""
+    return backoff_seconds(retry + 1, base=base, cap=cap)
 
 
 def retry_delay(retry: int, retry_after: float | None, *, base: float = BACKOFF_BASE_SECONDS) -> float:

@@ -1,7 +1,8 @@
-"""Spec and status models of the ``WorkerPool`` custom resource. Pure: no I/O."""
+"""Spec and status models of the ``WorkerPool`` custom resource, and the queue stats read into status. Pure: no I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from environments_operator.domain.common import (
     StatusModel,
     cel,
 )
+from environments_operator.domain.vocabulary import parse_time
 
 KIND = "WorkerPool"
 PLURAL = "workerpools"
@@ -138,4 +140,14 @@ class WorkerPoolStatus(StatusModel):
     lastDispatchTime: datetime | None = Field(default=None, description="When an item was last dispatched.")
     conditions: list[Condition] | None = Field(
         default=None, description="Ready, AtCapacity and DispatchFailing conditions."
+    )
+
+
+def queue_status_from_stats(stats: Mapping[str, Any]) -> QueueStatus:
+    """The API's queue stats (snake_case) as the status's ``queue`` block."""
+    return QueueStatus(
+        depth=stats.get("depth"),
+        pending=stats.get("pending"),
+        oldestQueuedAt=parse_time(stats.get("oldest_queued_at")),
+        workersPolling=stats.get("workers_polling"),
     )

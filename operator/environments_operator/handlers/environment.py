@@ -46,6 +46,7 @@ from environments_operator.adapters.environments_api import (
 )
 from environments_operator.adapters.kube import KubeApiError, KubeClient, SecretKeyError
 from environments_operator.domain import environment_sync as sync
+from environments_operator.domain import vocabulary
 from environments_operator.domain.api_failure import ApiFailure
 from environments_operator.domain.common import GROUP, VERSION
 from environments_operator.domain.environment import PLURAL, EnvironmentSpec
@@ -210,7 +211,7 @@ class Reconciler:
             spec = EnvironmentSpec.model_validate(self.raw_spec)
             problem = sync.spec_problem(spec)
         except ValidationError as exc:
-            spec, problem = None, sync.validation_message(exc)
+            spec, problem = None, vocabulary.validation_message(exc)
         if problem is not None or spec is None:
             message = problem or "invalid spec"
             self.report_terminal(sync.INVALID_SPEC, message)
@@ -333,8 +334,8 @@ class Reconciler:
     async def find_interrupted_create(self, api: EnvironmentsApi) -> RemoteEnvironment | None:
         """The environment stamped with this resource's UID, if an earlier create request made one."""
         window = sync.lookup_window_start(
-            sync.parse_time((self.body.get("metadata") or {}).get("creationTimestamp")),
-            sync.parse_time(self.status.get("createdAt")),
+            vocabulary.parse_time((self.body.get("metadata") or {}).get("creationTimestamp")),
+            vocabulary.parse_time(self.status.get("createdAt")),
         )
         return await api.find_by_uid(self.uid, window_start=window)
 
@@ -482,7 +483,7 @@ async def drift_check(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logge
         status = reconciler.status
         if sync.drift_check_blocker({**dict(body), "status": status}) is None:
             due_in = state.schedule.seconds_until_due(
-                now=_now(), last_sync=sync.parse_time(status.get("lastSyncTime")), interval=interval
+                now=_now(), last_sync=vocabulary.parse_time(status.get("lastSyncTime")), interval=interval
             )
             if due_in <= 0:
                 break

@@ -63,7 +63,7 @@ async def end_deleted_pool(*, name: str, namespace: str, spec: kopf.Spec, status
     # Say what happened; this write is also the event on which kopf sees the daemon gone and releases
     # the finalizer at once (it would otherwise wait out the daemon's cancellation backoff).
     patch.status["conditions"] = set_condition(
-        list(status.get("conditions") or []), type=dispatch.CONDITION_READY, status="False", reason="Deleting",
+        list(status.get("conditions") or []), type=dispatch.CONDITION_READY, status="False", reason=dispatch.DELETING,
         message=f"the WorkerPool is being deleted: {summary}", observed_generation=None, now=utcnow())
 
 

@@ -24,6 +24,7 @@ from environments_operator.domain.pool_loop import (
     DISPATCH_BACKOFF_CAP_SECONDS,
     should_post_failure_event,
 )
+from environments_operator.domain.vocabulary import Backoff, backoff_seconds
 from environments_operator.domain.worker_manifests import (
     WorkAssignment,
     build_work_secret,
@@ -42,9 +43,7 @@ class ItemDispatcher:
     def __init__(self, ctx: PoolContext, lifecycle: WorkerLifecycle, *, last_dispatch_time: str | None) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
-        self.dispatch_failures = 0
-        self.dispatch_failure: DispatchFailure | None = None
-        self.dispatch_paused_until = 0.0
+        self.backoff = Backoff()  # of refused creations; its problem is what DispatchFailing reports
         self.last_dispatch_time = last_dispatch_time
 
     async def dispatch(self, queue: WorkQueue, spec: WorkerPoolSpec, item: ClaimedWork, claimed_at: float) -> None:
@@ -110,20 +109,19 @@ class ItemDispatcher:
         if pod_created:
             ctx.created_unseen[item.work_id] = ctx.now()
         self.last_dispatch_time = rfc3339(utcnow())
-        if self.dispatch_failures:
-            self.dispatch_failures, self.dispatch_failure = 0, None
+        if self.backoff.attempts:
+            self.backoff = self.backoff.succeeded()
             ctx.wake.set()
 
     def _on_dispatch_failure(self, failure: DispatchFailure) -> None:
         ctx = self.ctx
-        self.dispatch_failures += 1
-        pause = dispatch.backoff_seconds(self.dispatch_failures, base=DISPATCH_BACKOFF_BASE_SECONDS,
-                                         cap=DISPATCH_BACKOFF_CAP_SECONDS)
-        self.dispatch_paused_until = max(self.dispatch_paused_until, ctx.now() + pause)
-        new = self.dispatch_failure is None or self.dispatch_failure.reason != failure.reason
-        self.dispatch_failure = failure
+        failures = self.backoff.attempts + 1
+        pause = backoff_seconds(failures, base=DISPATCH_BACKOFF_BASE_SECONDS, cap=DISPATCH_BACKOFF_CAP_SECONDS)
+        previous = self.backoff.problem
+        new = previous is None or previous.reason != failure.reason
+        self.backoff = self.backoff.failed(pause_until=ctx.now() + pause, problem=failure)
         ctx.logger.warning("%s (pausing dispatch for %.0fs)", failure.message, pause)
-        if should_post_failure_event(failures=self.dispatch_failures, reason_is_new=new):
+        if should_post_failure_event(failures=failures, reason_is_new=new):
             ctx.event("Warning", "DispatchFailed", failure.message)
         metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason="DispatchFailed").inc()
         ctx.wake.set()

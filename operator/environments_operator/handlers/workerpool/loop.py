@@ -31,6 +31,7 @@ from environments_operator.domain.pool_loop import (
     nap_length,
     stats_interval,
 )
+from environments_operator.domain.vocabulary import parse_time
 from environments_operator.domain.workerpool import PLURAL as WORKER_POOLS
 from environments_operator.domain.workerpool import QueueStatus, WorkerPoolSpec, WorkerPoolStatus
 from environments_operator.handlers.workerpool.context import Logger, PoolContext, PoolKey, pool_wakers, utcnow
@@ -146,9 +147,9 @@ class PoolDispatcher:
             now=now,
             stats_due_at=self.stats_at + self._stats_interval() if stats_due and self.stats_at is not None else None,
             lifecycle_check_in=self.lifecycle.next_lifecycle_check,
-            key_retry_at=self.access.key_retry_at if blocked else None,
-            poll_paused_until=self.pollers.poll_paused_until,
-            dispatch_paused_until=self.items.dispatch_paused_until,
+            key_retry_at=self.access.key_backoff.paused_until if blocked else None,
+            poll_paused_until=self.pollers.backoff.paused_until,
+            dispatch_paused_until=self.items.backoff.paused_until,
             stop_retry_at=self.lifecycle.stop_retry_at if self.lifecycle.pending_stops else None,
             status_write_due_at=self.status_written_at + STATUS_MIN_INTERVAL_SECONDS if self._status_dirty else None,
         ))
@@ -190,16 +191,16 @@ class PoolDispatcher:
         depth = self.queue_status.depth if self.queue_status else None
         generation = (ctx.body.get("metadata") or {}).get("generation")
         self.conditions = dispatch.pool_conditions(
-            self.conditions, blocker=ctx.blocker or self.pollers.poll_problem,
+            self.conditions, blocker=ctx.blocker or self.pollers.backoff.problem,
             environment_id=self.access.environment_id, max_workers=max_workers, active=active, depth=depth,
-            dispatch_failure=self.items.dispatch_failure, generation=generation, now=utcnow())
+            dispatch_failure=self.items.backoff.problem, generation=generation, now=utcnow())
         status = WorkerPoolStatus(
             environmentId=self.access.environment_id,
             observedGeneration=generation,
             queue=self.queue_status,
             workers=counts,
             desiredWorkers=dispatch.desired_workers(max_workers=max_workers, active=active, depth=depth),
-            lastDispatchTime=dispatch.parse_time(self.items.last_dispatch_time),
+            lastDispatchTime=parse_time(self.items.last_dispatch_time),
         )
         composed = status.model_dump(mode="json", exclude_none=True)
         composed["conditions"] = self.conditions

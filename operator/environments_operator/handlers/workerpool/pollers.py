@@ -15,8 +15,8 @@ import asyncio
 
 from environments_operator.adapters.work_api import WorkApiError
 from environments_operator.domain import dispatch
-from environments_operator.domain.dispatch import Blocker
 from environments_operator.domain.pool_loop import POLLER_CRASH_PAUSE_SECONDS, may_poll
+from environments_operator.domain.vocabulary import Backoff
 from environments_operator.handlers.workerpool.context import PoolContext
 from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
@@ -34,20 +34,18 @@ class PollerGroup:
         self.items = items
         self.pollers: set[asyncio.Task[None]] = set()
         self.polls_in_flight: set[asyncio.Task[None]] = set()  # the pollers inside a poll request right now
-        self.poll_failures = 0
-        self.poll_problem: Blocker | None = None
-        self.poll_paused_until = 0.0
+        self.backoff = Backoff()  # of failed polls; its problem is what Ready reports meanwhile
 
     def reset_backoff(self) -> None:
-        self.poll_problem, self.poll_failures, self.poll_paused_until = None, 0, 0.0
+        self.backoff = Backoff()
 
     def _may_poll(self) -> bool:
         ctx = self.ctx
         spec, now = ctx.spec, ctx.now()
         return may_poll(
             stopping=ctx.stopping, max_workers=spec.maxWorkers if spec else None, blocked=ctx.blocker is not None,
-            has_queue=self.access.queue is not None, now=now, poll_paused_until=self.poll_paused_until,
-            dispatch_paused_until=self.items.dispatch_paused_until, occupied=ctx.occupied(),
+            has_queue=self.access.queue is not None, now=now, poll_paused_until=self.backoff.paused_until,
+            dispatch_paused_until=self.items.backoff.paused_until, occupied=ctx.occupied(),
             polls_in_flight=len(self.polls_in_flight))
 
     def ensure_poller(self) -> None:
@@ -111,28 +109,26 @@ class PollerGroup:
             # A bug must not silently shrink the pollers: say so, pause, and let the loop start afresh.
             # The item in hand, if any, was not acknowledged and is offered again after the reclaim window.
             ctx.logger.exception("a work-queue poller failed")
-            self.poll_paused_until = max(self.poll_paused_until, ctx.now() + POLLER_CRASH_PAUSE_SECONDS)
+            self.backoff = self.backoff.paused_at_least_until(ctx.now() + POLLER_CRASH_PAUSE_SECONDS)
         finally:
             self.pollers.discard(task)
             ctx.wake.set()
 
     def _on_poll_success(self) -> None:
-        if self.poll_failures or self.poll_problem:
-            self.poll_failures, self.poll_problem = 0, None
+        if self.backoff.failing:
+            self.backoff = self.backoff.succeeded()
             self.ctx.wake.set()
 
     def _on_poll_error(self, exc: WorkApiError) -> None:
-        self.poll_failures += 1
+        failures = self.backoff.attempts + 1
         plan = dispatch.after_failed_poll(
-            failures=self.poll_failures, status=exc.status, retryable=exc.retryable,
+            failures=failures, status=exc.status, retryable=exc.retryable,
             credential_rejected=exc.credential_rejected, retry_after=exc.retry_after, api_message=exc.message,
             error=str(exc))
-        self.poll_paused_until = max(self.poll_paused_until, self.ctx.now() + plan.pause_seconds)
+        self.backoff = self.backoff.failed(pause_until=self.ctx.now() + plan.pause_seconds, problem=plan.blocker)
         if plan.reread_key:
             self.access.reread_key()
-        if plan.blocker is not None:
-            self.poll_problem = plan.blocker
-        if self.poll_failures == 1 or self.poll_problem is not None:
+        if failures == 1 or self.backoff.problem is not None:
             self.ctx.logger.warning("polling the work queue failed (attempt %d, next in %.1fs): %s",
-                                    self.poll_failures, plan.pause_seconds, exc)
+                                    failures, plan.pause_seconds, exc)
         self.ctx.wake.set()

@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 from environments_operator.adapters.kube import KubeApiError, KubeClient, SecretKeyError
 from environments_operator.adapters.work_api import WorkQueue
 from environments_operator.domain import dispatch
-from environments_operator.domain.dispatch import Blocker
+from environments_operator.domain.dispatch import ENVIRONMENT_KEY_UNAVAILABLE, Blocker
 from environments_operator.domain.pool_loop import KEY_BACKOFF_BASE_SECONDS, KEY_BACKOFF_CAP_SECONDS
+from environments_operator.domain.vocabulary import Backoff, backoff_seconds
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext
 
@@ -36,9 +37,7 @@ class QueueAccess:
         self.queue: WorkQueue | None = None
         self._queue_credentials: tuple[str, str] | None = None  # (environment id, key); never logged
         self._key_read_at: float | None = None
-        self.key_failures = 0
-        self.key_problem: Blocker | None = None
-        self.key_retry_at = 0.0
+        self.key_backoff = Backoff()  # of failed key reads; paused_until is when the Secret is read again
 
     def reread_key(self) -> None:
         """The API rejected the key: read it again on the next pass."""
@@ -58,16 +57,15 @@ class QueueAccess:
         )
         if key_is_current:
             return None
-        if self.key_problem is not None and now < self.key_retry_at:
-            return self.key_problem
+        if self.key_backoff.problem is not None and now < self.key_backoff.paused_until:
+            return self.key_backoff.problem
         key = await read_environment_key(ctx.kube, ctx.namespace, spec)
         if isinstance(key, Blocker):
-            self.key_failures += 1
-            self.key_retry_at = now + dispatch.backoff_seconds(self.key_failures, base=KEY_BACKOFF_BASE_SECONDS,
-                                                                cap=KEY_BACKOFF_CAP_SECONDS)
-            self.key_problem = key
-            return self.key_problem
-        self.key_failures, self.key_problem = 0, None
+            pause = backoff_seconds(self.key_backoff.attempts + 1, base=KEY_BACKOFF_BASE_SECONDS,
+                                    cap=KEY_BACKOFF_CAP_SECONDS)
+            self.key_backoff = self.key_backoff.failed(pause_until=now + pause, problem=key)
+            return key
+        self.key_backoff = self.key_backoff.succeeded()
         self._key_read_at = now
         if self._queue_credentials != (resolved, key):
             await self._replace_queue(resolved, key)
@@ -90,4 +88,4 @@ async def read_environment_key(kube: KubeClient, namespace: str, spec: WorkerPoo
     except (SecretKeyError, KubeApiError) as exc:
         detail = str(exc) if isinstance(exc, SecretKeyError) else (
             f"reading Secret {namespace}/{ref.name} failed: {exc.status} {exc.reason}")
-        return Blocker("EnvironmentKeyUnavailable", f"environmentKeySecretRef: {detail}")
+        return Blocker(ENVIRONMENT_KEY_UNAVAILABLE, f"environmentKeySecretRef: {detail}")
