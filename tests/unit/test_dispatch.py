@@ -14,7 +14,6 @@ from environments_operator.domain.dispatch import (
     Blocker,
     DispatchFailure,
     EnvironmentEntry,
-    PodMemory,
     WorkerPodView,
     after_failed_poll,
     can_start_poll,
@@ -23,19 +22,22 @@ from environments_operator.domain.dispatch import (
     earlier_pod_ended,
     environment_entry,
     occupied_slots,
-    orphaned_secrets,
     parse_pool_spec,
-    plan_lifecycle,
     poller_should_retire,
     pool_conditions,
     resolve_environment,
     should_add_poller,
-    start_timeout_message,
     unfinished_work_ids,
     worker_counts,
     worker_pod_view,
 )
 from environments_operator.domain.vocabulary import backoff_seconds
+from environments_operator.domain.worker_lifecycle import (
+    PodMemory,
+    orphaned_secrets,
+    plan_lifecycle,
+    start_timeout_message,
+)
 from environments_operator.domain.worker_manifests import worker_pod_name
 from environments_operator.domain.workerpool import WorkerPoolSpec, queue_status_from_stats
 

@@ -11,9 +11,9 @@ answer, and only then acts:
   pollers after a few round trips) and shrink back to one as soon as a poll comes back empty, so an
   idle pool keeps a single long-poll open. ``after_failed_poll`` says how long a failed poll pauses
   polling and what the pool reports about it.
-- **What happened to the pods?** ``worker_pod_view`` reads a pod into the few facts that matter;
-  ``plan_lifecycle`` says which pods timed out starting, failed, vanished or outlived their TTL;
-  ``earlier_pod_ended`` whether a claimed item's pod name is taken by a pod that already ended.
+- **What are the pods?** ``worker_pod_view`` reads a pod into the few facts that matter;
+  ``earlier_pod_ended`` says whether a claimed item's pod name is taken by a pod that already ended.
+  What happens to a pod over its life (startup timeout, failure, TTL) is ``domain.worker_lifecycle``.
 - **What does the status say?** ``worker_counts``, ``desired_workers`` and ``pool_conditions``.
 
 No I/O, no clocks: every function takes ``now`` when it needs the time.
@@ -21,8 +21,8 @@ No I/O, no clocks: every function takes ``now`` when it needs the time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Set
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -35,7 +35,6 @@ from environments_operator.domain.worker_manifests import (
     ANNOTATION_WORKER_POOL,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
-    worker_pod_name,
 )
 from environments_operator.domain.workerpool import WorkerCounts, WorkerPoolSpec
 
@@ -45,10 +44,6 @@ MAX_CONCURRENT_POLLS = 16
 
 # After this many poll failures in a row, Ready turns False (polling goes on, with backoff).
 POLL_FAILURES_BEFORE_NOT_READY = 3
-
-# A pod vanishes from our view when it is deleted; one we deleted ourselves is not "vanished".
-# Remember such names this long, far beyond the time a watch event needs to arrive.
-FORGET_DELETED_AFTER_SECONDS = 600.0
 
 PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED, PHASE_UNKNOWN = (
     "Pending", "Running", "Succeeded", "Failed", "Unknown",
@@ -317,169 +312,6 @@ def earlier_pod_ended(views: Iterable[WorkerPodView], pod_name: str) -> bool:
     """
     view = next((v for v in views if v.name == pod_name), None)
     return view is not None and (view.finished or view.deleting)
-
-
-# ----- lifecycle ------------------------------------------------------------------------------------
-
-
-@dataclass
-class PodMemory:
-    """What the controller remembers between lifecycle passes; rebuilt empty after a restart.
-
-    ``first_seen`` and ``finished_seen`` stand in for timestamps a pod does not carry;
-    ``deleted`` holds pods the controller deleted itself (so their disappearance is expected);
-    ``reported`` holds the work IDs whose abnormal end was already acted on.
-    """
-
-    known: dict[str, WorkerPodView] = field(default_factory=dict)
-    first_seen: dict[str, datetime] = field(default_factory=dict)
-    finished_seen: dict[str, datetime] = field(default_factory=dict)
-    deleted: dict[str, datetime] = field(default_factory=dict)
-    reported: set[str] = field(default_factory=set)
-
-    def forget_pod(self, name: str) -> None:
-        """A new pod was created under ``name``: what was remembered about an earlier one does not apply.
-
-        Pod names derive from the work ID, so an item that comes back after its pod ended gets a pod of
-        the same name; remembered as deleted, it would escape every lifecycle check.
-        """
-        self.deleted.pop(name, None)
-        self.first_seen.pop(name, None)
-        self.finished_seen.pop(name, None)
-
-
-@dataclass(frozen=True)
-class LifecyclePlan:
-    """What to do about the pool's pods now, and when to look again."""
-
-    # Pending past the startup timeout: force-stop the item, delete pod and Secret, WorkerStartTimeout.
-    timed_out: tuple[WorkerPodView, ...] = ()
-    # Failed: force-stop the item, report WorkerFailed; the pod stays until its TTL (for its logs).
-    failed: tuple[WorkerPodView, ...] = ()
-    # Gone without finishing, and not deleted by us: force-stop the item, delete its Secret, report.
-    vanished: tuple[WorkerPodView, ...] = ()
-    # Finished longer than ttlSecondsAfterFinished ago: delete pod and Secret.
-    expired: tuple[WorkerPodView, ...] = ()
-    # Seconds until the next startup or TTL deadline; None when no deadline is pending.
-    next_check_in: float | None = None
-
-
-def _seconds(later: datetime, earlier: datetime) -> float:
-    return (later - earlier).total_seconds()
-
-
-def plan_lifecycle(
-    views: Sequence[WorkerPodView],
-    memory: PodMemory,
-    *,
-    now: datetime,
-    startup_timeout_seconds: float,
-    ttl_seconds_after_finished: float,
-) -> LifecyclePlan:
-    """Decide the lifecycle actions for the pool's pods, and update ``memory`` to the current view.
-
-    Each abnormal end is planned once per work ID (``memory.reported``); the caller carries out the
-    plan and records the deletions it makes in ``memory.deleted``.
-    """
-    current = {view.name: view for view in views}
-    for name in current:
-        memory.first_seen.setdefault(name, now)
-    timed_out: list[WorkerPodView] = []
-    failed: list[WorkerPodView] = []
-    expired: list[WorkerPodView] = []
-    deadlines: list[float] = []
-
-    for view in views:
-        if view.name in memory.deleted:
-            continue
-        if view.phase == PHASE_PENDING and not view.deleting:
-            started = view.created_at or memory.first_seen[view.name]
-            remaining = startup_timeout_seconds - _seconds(now, started)
-            if remaining <= 0 and view.work_id not in memory.reported:
-                timed_out.append(view)
-            elif remaining > 0:
-                deadlines.append(remaining)
-        elif view.finished:
-            finished = view.finished_at or memory.finished_seen.setdefault(view.name, now)
-            if view.phase == PHASE_FAILED and view.work_id not in memory.reported:
-                failed.append(view)
-            remaining = ttl_seconds_after_finished - _seconds(now, finished)
-            if remaining <= 0:
-                expired.append(view)
-            else:
-                deadlines.append(remaining)
-
-    vanished = [
-        view for name, view in memory.known.items()
-        if name not in current and name not in memory.deleted
-        and view.phase != PHASE_SUCCEEDED and view.work_id not in memory.reported
-    ]
-
-    memory.reported.update(v.work_id for v in (*timed_out, *failed, *vanished))
-    memory.known = dict(current)
-    for name in [n for n in memory.first_seen if n not in current]:
-        del memory.first_seen[name]
-    for name in [n for n in memory.finished_seen if n not in current]:
-        del memory.finished_seen[name]
-    for name in [n for n, at in memory.deleted.items()
-                 if n not in current and _seconds(now, at) > FORGET_DELETED_AFTER_SECONDS]:
-        del memory.deleted[name]
-    live_work_ids = {view.work_id for view in views}
-    memory.reported.intersection_update(live_work_ids | {v.work_id for v in vanished})
-
-    return LifecyclePlan(
-        timed_out=tuple(timed_out),
-        failed=tuple(failed),
-        vanished=tuple(vanished),
-        expired=tuple(expired),
-        next_check_in=max(0.0, min(deadlines)) if deadlines else None,
-    )
-
-
-def orphaned_secrets(
-    secrets: Iterable[Mapping[str, Any]],
-    pod_names: Set[str],
-    in_flight_work_ids: Set[str],
-    *,
-    now: datetime,
-    grace_seconds: float,
-) -> list[str]:
-    """Per-item Secrets whose pod is gone: the names to delete.
-
-    A Secret is created just before its pod, so one younger than ``grace_seconds`` or whose item is
-    being dispatched right now is left alone. Deleting an orphan is always safe: if its item is
-    offered again, dispatch creates the Secret anew.
-    """
-    orphans = []
-    for secret in secrets:
-        metadata: Mapping[str, Any] = secret.get("metadata") or {}
-        annotations: Mapping[str, Any] = metadata.get("annotations") or {}
-        labels: Mapping[str, Any] = metadata.get("labels") or {}
-        work_id = annotations.get(ANNOTATION_WORK_ID) or labels.get(LABEL_WORK_ID)
-        name = metadata.get("name")
-        if not work_id or not name or work_id in in_flight_work_ids or worker_pod_name(work_id) in pod_names:
-            continue
-        created = parse_time(metadata.get("creationTimestamp"))
-        if created is not None and _seconds(now, created) < grace_seconds:
-            continue
-        orphans.append(str(name))
-    return orphans
-
-
-def start_timeout_message(view: WorkerPodView, timeout_seconds: float) -> str:
-    cause = view.cause or "the pod was never scheduled or its containers never started"
-    return (f"worker pod {view.name} for work item {view.work_id} was still Pending after "
-            f"{timeout_seconds:g}s ({cause}); the work item was force-stopped and the pod deleted")
-
-
-def failed_message(view: WorkerPodView) -> str:
-    cause = view.cause or "the pod failed"
-    return f"worker pod {view.name} for work item {view.work_id} failed ({cause}); the work item was force-stopped"
-
-
-def vanished_message(view: WorkerPodView) -> str:
-    return (f"worker pod {view.name} for work item {view.work_id} disappeared before it finished; "
-            "the work item was force-stopped")
 
 
 # ----- status ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 It owns what the pool remembers about its pods (``PodMemory``), the force-stops it still owes the work
 queue, when it must look at the pods again, and when it last swept the per-item Secrets. What to do
-with each pod is decided by ``domain.dispatch.plan_lifecycle``; this part acts on the plan and reports.
+with each pod is decided by ``domain.worker_lifecycle.plan_lifecycle``; this part acts on the plan and reports.
 
 It may not poll, dispatch or write status, and it creates nothing: it only deletes pods and Secrets
 and force-stops items.
@@ -17,9 +17,10 @@ from typing import Any
 from environments_operator import metrics
 from environments_operator.adapters.kube import KubeApiError
 from environments_operator.adapters.work_api import WorkApiError, WorkQueue
-from environments_operator.domain import dispatch
-from environments_operator.domain.dispatch import PodMemory, WorkerPodView
+from environments_operator.domain import worker_lifecycle
+from environments_operator.domain.dispatch import WorkerPodView
 from environments_operator.domain.pool_loop import STOP_RETRY_SECONDS
+from environments_operator.domain.worker_lifecycle import PodMemory
 from environments_operator.domain.worker_manifests import pool_selector, work_secret_name
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
@@ -46,17 +47,18 @@ class WorkerLifecycle:
         startup_timeout = spec.startupTimeoutSeconds if spec else WorkerPoolSpec.model_fields[
             "startupTimeoutSeconds"].default
         ttl = spec.ttlSecondsAfterFinished if spec else WorkerPoolSpec.model_fields["ttlSecondsAfterFinished"].default
-        plan = dispatch.plan_lifecycle(views, self.memory, now=utcnow(), startup_timeout_seconds=startup_timeout,
-                                       ttl_seconds_after_finished=ttl)
+        plan = worker_lifecycle.plan_lifecycle(views, self.memory, now=utcnow(),
+                                               startup_timeout_seconds=startup_timeout, ttl_seconds_after_finished=ttl)
         self.next_lifecycle_check = plan.next_check_in
         actions: list[Coroutine[Any, Any, None]] = []
         for view in plan.timed_out:
-            self._report_and_owe_stop(view, "WorkerStartTimeout", dispatch.start_timeout_message(view, startup_timeout))
+            message = worker_lifecycle.start_timeout_message(view, startup_timeout)
+            self._report_and_owe_stop(view, "WorkerStartTimeout", message)
             actions.append(self.delete_worker(view.work_id, view.name))
         for view in plan.failed:
-            self._report_and_owe_stop(view, "WorkerFailed", dispatch.failed_message(view))
+            self._report_and_owe_stop(view, "WorkerFailed", worker_lifecycle.failed_message(view))
         for view in plan.vanished:
-            self._report_and_owe_stop(view, "WorkerVanished", dispatch.vanished_message(view))
+            self._report_and_owe_stop(view, "WorkerVanished", worker_lifecycle.vanished_message(view))
             actions.append(self.ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
         for view in plan.expired:
             actions.append(self.delete_worker(view.work_id, view.name))
@@ -110,7 +112,7 @@ class WorkerLifecycle:
             ctx.logger.warning("listing the pool's Secrets failed: %s", exc)
             return
         pod_names = {view.name for view in ctx.namespace_views()}
-        orphans = dispatch.orphaned_secrets(secrets, pod_names, ctx.dispatching | set(ctx.created_unseen),
+        orphans = worker_lifecycle.orphaned_secrets(secrets, pod_names, ctx.dispatching | set(ctx.created_unseen),
                                             now=utcnow(), grace_seconds=ORPHAN_SECRET_GRACE_SECONDS)
         if orphans:
             ctx.logger.info("deleting %d per-item Secrets whose pods are gone", len(orphans))
