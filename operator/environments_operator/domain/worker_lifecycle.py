@@ -169,14 +169,14 @@ def orphaned_secrets(
 def start_timeout_message(view: WorkerPodView, timeout_seconds: float) -> str:
     cause = view.cause or "the pod was never scheduled or its containers never started"
     return (f"worker pod {view.name} for work item {view.work_id} was still Pending after "
-            f"{timeout_seconds:g}s ({cause}); the work item was force-stopped and the pod deleted")
+            f"{timeout_seconds:g}s ({cause}); the pod is being deleted and the work item force-stopped")
 
 
 def failed_message(view: WorkerPodView) -> str:
     cause = view.cause or "the pod failed"
-    return f"worker pod {view.name} for work item {view.work_id} failed ({cause}); the work item was force-stopped"
+    return f"worker pod {view.name} for work item {view.work_id} failed ({cause}); the work item is being force-stopped"
 
 
 def vanished_message(view: WorkerPodView) -> str:
     return (f"worker pod {view.name} for work item {view.work_id} disappeared before it finished; "
-            "the work item was force-stopped")
+            "the work item is being force-stopped")

@@ -79,7 +79,10 @@ class WorkerPoolSpec(SpecModel):
         default="PerWorkItem",
         description="PerWorkItem: one fresh pod per work item. Pool: long-lived workers (not yet supported).",
     )
-    minWorkers: int = Field(default=0, ge=0, le=10_000, description="Workers kept even with an empty queue.")
+    minWorkers: int = Field(
+        default=0, ge=0, le=10_000,
+        description="Reserved for warm workers; not acted on yet: no pod is started before a work item is "
+        "claimed. Must not exceed maxWorkers.")
     maxWorkers: int = Field(default=10, ge=1, le=10_000, description="Upper bound on unfinished worker pods.")
     template: dict[str, Any] = Field(
         default_factory=dict,
