@@ -30,23 +30,16 @@ ENVIRONMENT_TYPES = ("cloud", "self_hosted")
 _DECIMAL_INTEGER = re.compile(r"-?[0-9]+")
 
 
+# bool before int: in Python a bool is an int, in JSON it is not a number.
+_JSON_TYPE_NAMES: tuple[tuple[type, str], ...] = (
+    (type(None), "null"), (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+    (list, "array"), (dict, "object"),
+)
+
+
 def json_type(value: object) -> str:
     """The JSON name of a value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    return next((name for kind, name in _JSON_TYPE_NAMES if isinstance(value, kind)), type(value).__name__)
 
 
 def _wrong_type(path: str, expected: str, value: object) -> ApiError:
