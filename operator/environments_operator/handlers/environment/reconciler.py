@@ -1,39 +1,15 @@
-"""kopf wiring of the Environment controller: one ``Environment`` resource, one remote environment.
+"""One Environment reconciled against its remote environment: create, adopt, update, re-read, report.
 
-Handlers, in the order kopf meets them:
-
-- ``environment-claim`` (create/spec update, only while there is no remote ID): records this operator
-  instance in ``status.createRequestedBy`` before any create request is sent. A create request is not
-  idempotent; the claim, stored before it, tells any later instance (after a crash or a failover) that
-  a create may have happened, so that instance first looks for an environment carrying the resource
-  UID (stamped into its metadata at create) and adopts it instead of creating a second one.
-- ``environment-sync`` (create/spec update): creates, adopts (``spec.externalId``) or updates.
-- ``environment-sync-now`` (the ``environments.managedagents.dev/sync-now`` annotation changed): a check now.
-- ``environment-drift`` (timer): re-reads the environment once per interval (settings, or the
-  ``environments.managedagents.dev/drift-interval-seconds`` annotation), jittered, and corrects drift.
-- ``environment-delete`` (finalizer): archives, deletes or orphans by ``spec.deletionPolicy``.
-
-An update the API refuses with 404 or 400 may meet an environment deleted or archived since it was read:
-the environment is re-read once and ``sync.refused_update_verdict`` says what the refusal means.
-
-Every decision is a function of ``domain.environment_sync``; this module reads the resource, calls the
-adapters, writes ``status`` through kopf's patch and posts Events. Handlers return nothing: kopf would
-store a returned value in ``status.<handler id>``, which the CRD does not declare.
-
-Per object, one lock serializes the API work of the change handlers and the timer, and an overlay of
-the status fields written last stands in for the resource's status until kopf's patch comes back
-through the watch; without it, a timer check right after a create could act on a status without the ID.
+``Reconciler`` is made per handler call. It owns nothing between calls (that is ``runtime.ObjectState``);
+it reads the resource, calls the Environments API through ``adapters``, writes ``status`` through kopf's
+patch and posts Events. Every decision is a function of ``domain.environment_sync``; it may not decide
+anything itself, nor register kopf handlers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-import secrets
-import socket
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -42,94 +18,27 @@ from pydantic import ValidationError
 from environments_operator.adapters.environments_api import (
     ApiCallError,
     EnvironmentsApi,
-    EnvironmentsApiPool,
 )
 from environments_operator.adapters.kube import KubeApiError, KubeClient, SecretKeyError
 from environments_operator.domain import environment_sync as sync
 from environments_operator.domain import vocabulary
 from environments_operator.domain.api_failure import ApiFailure
-from environments_operator.domain.common import GROUP, VERSION
-from environments_operator.domain.environment import PLURAL, EnvironmentSpec
+from environments_operator.domain.environment import EnvironmentSpec
 from environments_operator.domain.environment_sync import (
     ConditionChange,
     RemoteEnvironment,
     Trigger,
 )
+from environments_operator.handlers.environment.runtime import (
+    object_state,
+    runtime_of,
+    utcnow,
+)
 
-# kopf runs start-up handlers in registration order; the shared start-up (kopf settings, memo.settings,
-# memo.kube) must be registered, and so run, before this module's.
-from environments_operator.handlers import startup as _shared_startup  # noqa: F401
-from environments_operator.settings import load_settings
-
-RESOURCE = (GROUP, VERSION, PLURAL)
-SYNC_NOW_FIELD = ("metadata", "annotations", sync.SYNC_NOW_ANNOTATION)
-# kopf sleeps this long after each drift check before calling the timer again; the handler itself
-# then waits until the object's next check is due.
-TIMER_REARM_SECONDS = 1.0
-# The longest the timer sleeps before re-reading the interval annotation and the object's state.
-TIMER_MAX_NAP_SECONDS = 30.0
 # A missing Secret is often created moments later (kubectl apply -f dir/): retry soon, then back off.
 SECRET_BACKOFF_BASE_SECONDS = 2.0
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
-
-
-@dataclass
-class EnvironmentsRuntime:
-    """What all Environment handlers share: API clients, this instance's identity, the settings."""
-
-    pool: EnvironmentsApiPool
-    instance_id: str
-    default_api_key: str | None
-    drift_interval_seconds: float
-
-
-@dataclass
-class ObjectState:
-    """What one operator instance remembers about one Environment between handler calls."""
-
-    schedule: sync.DriftSchedule
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    foreign_claim_seen: bool = False  # our claim replaced another instance's: it may have created one
-    outcome_unknown: bool = False  # our last create request got no definite answer
-    status_overlay: dict[str, Any] = field(default_factory=dict)
-    complaints: set[str] = field(default_factory=set)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _runtime(memo: kopf.Memo) -> EnvironmentsRuntime:
-    runtime: EnvironmentsRuntime = memo["environments"]
-    return runtime
-
-
-def _object_state(memo: kopf.Memo) -> ObjectState:
-    # kopf gives each object a shallow copy of the operator memo, so this key is per object.
-    state: ObjectState | None = memo.get("environment_state")
-    if state is None:
-        state = ObjectState(schedule=sync.DriftSchedule(fraction=random.random(), first_seen=_now()))  # noqa: S311
-        memo["environment_state"] = state
-    return state
-
-
-@kopf.on.startup()
-async def start_environment_controller(memo: kopf.Memo, **_: Any) -> None:
-    operator_settings = memo.get("settings") or load_settings()
-    memo["environments"] = EnvironmentsRuntime(
-        pool=EnvironmentsApiPool(base_url=operator_settings.base_url, concurrency=operator_settings.api_concurrency),
-        instance_id=f"{socket.gethostname()}-{secrets.token_hex(4)}",
-        default_api_key=operator_settings.api_key,
-        drift_interval_seconds=operator_settings.drift_interval_seconds,
-    )
-
-
-@kopf.on.cleanup()
-async def stop_environment_controller(memo: kopf.Memo, **_: Any) -> None:
-    runtime: EnvironmentsRuntime | None = memo.get("environments")
-    if runtime is not None:
-        await runtime.pool.close()
 
 
 class Reconciler:
@@ -139,8 +48,8 @@ class Reconciler:
         self.body = body
         self.patch = patch
         self.logger = logger
-        self.runtime = _runtime(memo)
-        self.state = _object_state(memo)
+        self.runtime = runtime_of(memo)
+        self.state = object_state(memo)
         self.kube: KubeClient = memo["kube"]
         meta = body.get("metadata") or {}
         self.name: str = meta.get("name", "")
@@ -171,7 +80,7 @@ class Reconciler:
 
     def set_conditions(self, changes: list[ConditionChange]) -> None:
         conditions = sync.apply_conditions(self.status.get("conditions"), changes, generation=self.generation,
-                                           now=_now())
+                                           now=utcnow())
         self.write_status({"conditions": conditions})
 
     def event(self, type_: str, reason: str, message: str) -> None:
@@ -245,7 +154,7 @@ class Reconciler:
             except ApiCallError as exc:
                 if exc.failure.status != 404:
                     raise
-                raise _external_id_missing(spec.externalId, exc.failure) from None
+                raise external_id_missing(spec.externalId, exc.failure) from None
             adopting = True
         await self.converge(spec, api, trigger, status, remote, previous_id=previous_id, adopting=adopting,
                             recreating=recreating)
@@ -285,7 +194,7 @@ class Reconciler:
                     self.report_archived(reread, owned)
                     return
                 if verdict == "gone" and adopting:
-                    raise _external_id_missing(remote.id, exc.failure) from None
+                    raise external_id_missing(remote.id, exc.failure) from None
                 if verdict == "gone":  # deleted since it was read: what a read that finds it deleted does
                     await self.converge(spec, api, trigger, status, None, previous_id=previous_id,
                                         adopting=False, recreating=True)
@@ -293,7 +202,7 @@ class Reconciler:
                 if verdict == "undecided" and isinstance(reread, ApiFailure):
                     raise ApiCallError(reread) from None
                 raise
-        now = _now()
+        now = utcnow()
         self.write_status(sync.status_for(remote, generation=self.generation, now=now,
                                           owned_metadata_keys=plan.owned_metadata_keys))
         self.state.schedule.checked(now=now, fraction=random.random())  # noqa: S311
@@ -347,7 +256,7 @@ class Reconciler:
         if sync.is_new_reason(self.status.get("conditions"), changes[0]):
             self.event("Warning", sync.ARCHIVED, message)
             self.logger.warning(message)
-        self.write_status(sync.status_for(remote, generation=self.generation, now=_now(), owned_metadata_keys=owned))
+        self.write_status(sync.status_for(remote, generation=self.generation, now=utcnow(), owned_metadata_keys=owned))
         self.set_conditions(changes)
 
     def report_success(self, remote: RemoteEnvironment, plan: sync.UpdatePlan, trigger: Trigger, *,
@@ -417,130 +326,20 @@ class Reconciler:
                 api = await self.api()
                 await self.reconcile(spec, api, "check")
             except ValidationError:
-                schedule.checked(now=_now(), fraction=random.random())  # noqa: S311  (the spec handler reports it)
+                schedule.checked(now=utcnow(), fraction=random.random())  # noqa: S311  (the spec handler reports it)
             except kopf.PermanentError:
-                schedule.checked(now=_now(), fraction=random.random())  # noqa: S311  (already reported)
+                schedule.checked(now=utcnow(), fraction=random.random())  # noqa: S311  (already reported)
             except SecretKeyError as exc:
-                schedule.failed(now=_now(), retry_in=self.report_credentials(exc, retry=schedule.failures))
+                schedule.failed(now=utcnow(), retry_in=self.report_credentials(exc, retry=schedule.failures))
             except ApiCallError as exc:
                 decision = self.report_failure(exc.failure, retry=schedule.failures)
-                schedule.failed(now=_now(), retry_in=decision.delay or sync.backoff_delay(schedule.failures))
+                schedule.failed(now=utcnow(), retry_in=decision.delay or sync.backoff_delay(schedule.failures))
 
 
-def _external_id_missing(external_id: str, failure: ApiFailure) -> ApiCallError:
+def external_id_missing(external_id: str, failure: ApiFailure) -> ApiCallError:
     """The failure of adopting an environment that does not exist: terminal, naming ``spec.externalId``."""
     return ApiCallError(ApiFailure(404, f"spec.externalId: environment {external_id} does not exist "
                                         f"({failure.message})"))
 
 
-def _claim_needed(status: kopf.Status, spec: kopf.Spec, memo: kopf.Memo, **_: Any) -> bool:
-    runtime: EnvironmentsRuntime | None = memo.get("environments")
-    return runtime is not None and sync.needs_create_claim(status, spec, runtime.instance_id)
 
-
-@kopf.on.create(*RESOURCE, id="environment-claim", when=_claim_needed)
-@kopf.on.update(*RESOURCE, id="environment-claim-update", field="spec", when=_claim_needed)
-async def claim_create(status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
-    runtime, state = _runtime(memo), _object_state(memo)
-    previous = status.get("createRequestedBy")
-    if previous and previous != runtime.instance_id:
-        state.foreign_claim_seen = True
-    patch.status["createRequestedBy"] = runtime.instance_id
-    state.status_overlay["createRequestedBy"] = runtime.instance_id
-
-
-@kopf.on.create(*RESOURCE, id="environment-sync")
-@kopf.on.update(*RESOURCE, id="environment-sync-update", field="spec")
-async def sync_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, logger: Logger,
-                           **_: Any) -> None:
-    await Reconciler(body, patch, memo, logger).run("spec", retry=retry)
-
-
-@kopf.on.field(*RESOURCE, id="environment-sync-now", field=SYNC_NOW_FIELD)
-async def sync_now(new: Any, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, logger: Logger,
-                   **_: Any) -> None:
-    if new is None:
-        return
-    reconciler = Reconciler(body, patch, memo, logger)
-    if reconciler.status.get("id"):
-        await reconciler.run("check", retry=retry)
-    reconciler.write_status({"lastHandledSyncNow": str(new)})
-
-
-@kopf.timer(*RESOURCE, id="environment-drift", interval=TIMER_REARM_SECONDS)
-async def drift_check(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Logger, **kwargs: Any) -> None:
-    stopped: kopf.DaemonStopped = kwargs["stopped"]  # passed to timers too, though TimerFn does not declare it
-    reconciler = Reconciler(body, patch, memo, logger)
-    state, runtime = reconciler.state, reconciler.runtime
-    while not stopped:
-        annotations = (body.get("metadata") or {}).get("annotations") or {}
-        interval, complaint = sync.drift_interval(annotations, runtime.drift_interval_seconds)
-        if complaint and complaint not in state.complaints:
-            state.complaints.add(complaint)
-            logger.warning("%s", complaint)
-            reconciler.event("Warning", "InvalidAnnotation", complaint)
-        nap = min(max(interval, TIMER_REARM_SECONDS), TIMER_MAX_NAP_SECONDS)
-        status = reconciler.status
-        if sync.drift_check_blocker({**dict(body), "status": status}) is None:
-            due_in = state.schedule.seconds_until_due(
-                now=_now(), last_sync=vocabulary.parse_time(status.get("lastSyncTime")), interval=interval
-            )
-            if due_in <= 0:
-                break
-            nap = min(nap, due_in)
-        await stopped.wait(nap)
-    if not stopped:
-        await reconciler.check()
-
-
-@kopf.on.delete(*RESOURCE, id="environment-delete")
-async def delete_environment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, retry: int, logger: Logger,
-                             **_: Any) -> None:
-    reconciler = Reconciler(body, patch, memo, logger)
-    status = reconciler.status
-    action = sync.deletion_action(reconciler.raw_spec, status)
-    environment_id: str | None = status.get("id")
-    if action == "release":
-        return
-    if action == "orphan":
-        reconciler.event("Normal", "Orphaned", f"left environment {environment_id} in place (deletionPolicy Orphan)")
-        return
-    async with reconciler.state.lock:
-        try:
-            api = await reconciler.api()
-            if environment_id is None:  # a create was claimed, its answer never recorded: look for its result
-                found = await reconciler.find_interrupted_create(api)
-                if found is None:
-                    return
-                environment_id = found.id
-            if action == "archive":
-                await api.archive(environment_id)
-            else:
-                await api.delete(environment_id)
-        except SecretKeyError as exc:
-            if environment_id is None:
-                # Without a key nothing can be looked for; holding the resource would only hang its deletion.
-                reconciler.event("Warning", sync.CREDENTIALS_UNAVAILABLE,
-                                 f"released without looking for an environment an interrupted create may have "
-                                 f"left: {exc}")
-                return
-            blocked, delay = str(exc), sync.backoff_delay(retry, base=SECRET_BACKOFF_BASE_SECONDS)
-        except ApiCallError as exc:
-            if exc.failure.status != 404 or environment_id is None:  # already gone is what we wanted
-                decision = sync.decide_failure(exc.failure, retry=retry, action=f"{action} environment")
-                blocked, delay = exc.failure.describe(), decision.delay or sync.backoff_delay(retry)
-            else:
-                blocked, delay = "", 0.0
-        else:
-            blocked, delay = "", 0.0
-        if blocked:
-            target = f"environment {environment_id}" if environment_id else "the environment a create may have left"
-            message = f"cannot {action} {target}: {blocked}; retrying in {delay:g}s"
-            change = ConditionChange(sync.READY, "False", sync.DELETION_BLOCKED, message)
-            if sync.is_new_reason(status.get("conditions"), change):
-                reconciler.event("Warning", sync.DELETION_BLOCKED, message)
-            reconciler.set_conditions([change])
-            raise kopf.TemporaryError(message, delay=delay)
-    done = "archived" if action == "archive" else "deleted"
-    reconciler.event("Normal", done.capitalize(), f"{done} environment {environment_id}")
-    logger.info("%s environment %s", done, environment_id)
