@@ -180,9 +180,9 @@ async def test_lifecycle_keeps_owing_a_force_stop_until_it_gets_through() -> Non
     lifecycle = WorkerLifecycle(ctx, queue=lambda: queue)  # type: ignore[arg-type,return-value]
     await lifecycle.act(ctx.views())
     assert lifecycle.pending_stops == {"w1": "WorkerStartTimeout"}
-    assert lifecycle.stop_retry_at == pytest.approx(ctx.now() + STOP_RETRY_SECONDS, abs=0.5)
+    assert lifecycle.stop_backoff.paused_until == pytest.approx(ctx.now() + STOP_RETRY_SECONDS, abs=0.5)
     queue = FakeQueue()
-    lifecycle.stop_retry_at = 0.0
+    lifecycle.stop_backoff = Backoff()
     await lifecycle.act(ctx.views())
     assert queue.stopped == ["w1"] and lifecycle.pending_stops == {}
 

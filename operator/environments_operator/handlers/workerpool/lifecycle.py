@@ -20,6 +20,7 @@ from environments_operator.adapters.work_api import WorkApiError, WorkQueue
 from environments_operator.domain import worker_lifecycle
 from environments_operator.domain.dispatch import WorkerPodView
 from environments_operator.domain.pool_loop import STOP_RETRY_SECONDS
+from environments_operator.domain.vocabulary import Backoff
 from environments_operator.domain.worker_lifecycle import PodMemory
 from environments_operator.domain.worker_manifests import pool_selector, work_secret_name
 from environments_operator.domain.workerpool import WorkerPoolSpec
@@ -38,7 +39,8 @@ class WorkerLifecycle:
         self.queue = queue
         self.memory = PodMemory()
         self.pending_stops: dict[str, str] = {}  # work id -> why it must be stopped
-        self.stop_retry_at = 0.0
+        # Owed force-stops are retried on a fixed beat (STOP_RETRY_SECONDS); attempts counts the failed rounds.
+        self.stop_backoff = Backoff()
         self.next_lifecycle_check: float | None = None
         self.next_sweep_at = 0.0
 
@@ -62,7 +64,7 @@ class WorkerLifecycle:
             actions.append(self.ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
         for view in plan.expired:
             actions.append(self.delete_worker(view.work_id, view.name))
-        if self.pending_stops and self.ctx.now() >= self.stop_retry_at:
+        if self.pending_stops and self.ctx.now() >= self.stop_backoff.paused_until:
             actions.append(self._stop_pending())
         if actions:
             await asyncio.gather(*actions)
@@ -78,7 +80,7 @@ class WorkerLifecycle:
     async def _stop_pending(self) -> None:
         queue = self.queue()
         if queue is None:
-            self.stop_retry_at = self.ctx.now() + STOP_RETRY_SECONDS
+            self.stop_backoff = self.stop_backoff.failed(pause_until=self.ctx.now() + STOP_RETRY_SECONDS, problem=None)
             return
 
         async def stop(work_id: str) -> bool:
@@ -94,7 +96,10 @@ class WorkerLifecycle:
         for work_id, done in zip(work_ids, results, strict=True):
             if done:
                 self.pending_stops.pop(work_id, None)
-        self.stop_retry_at = self.ctx.now() + (STOP_RETRY_SECONDS if self.pending_stops else 0.0)
+        if self.pending_stops:
+            self.stop_backoff = self.stop_backoff.failed(pause_until=self.ctx.now() + STOP_RETRY_SECONDS, problem=None)
+        else:
+            self.stop_backoff = Backoff()
 
     async def delete_worker(self, work_id: str, pod_name: str) -> None:
         self.memory.deleted[pod_name] = utcnow()

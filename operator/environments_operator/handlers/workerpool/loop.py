@@ -150,7 +150,7 @@ class PoolDispatcher:
             key_retry_at=self.access.key_backoff.paused_until if blocked else None,
             poll_paused_until=self.pollers.backoff.paused_until,
             dispatch_paused_until=self.items.backoff.paused_until,
-            stop_retry_at=self.lifecycle.stop_retry_at if self.lifecycle.pending_stops else None,
+            stop_retry_at=self.lifecycle.stop_backoff.paused_until if self.lifecycle.pending_stops else None,
             status_write_due_at=self.status_written_at + STATUS_MIN_INTERVAL_SECONDS if self._status_dirty else None,
         ))
 
