@@ -492,16 +492,12 @@ CREDENTIALS_BACKOFF_BASE_SECONDS = 15.0
 RETRY_AFTER_CAP_SECONDS = 3600.0
 
 
-def backoff_delay(retry: int, *, base: float = BACKOFF_BASE_SECONDS, cap: float = BACKOFF_CAP_SECONDS) -> float:
-    """The shared backoff curve for the ``retry``-th retry (0 for the first), with this controller's base and cap."""
-    return backoff_seconds(retry + 1, base=base, cap=cap)
-
-
 def retry_delay(retry: int, retry_after: float | None, *, base: float = BACKOFF_BASE_SECONDS) -> float:
     """The server's ``retry-after`` when it gave one, else exponential backoff."""
     if retry_after is not None and retry_after >= 0:
         return min(retry_after, RETRY_AFTER_CAP_SECONDS)
-    return backoff_delay(retry, base=base)
+    # kopf's ``retry`` counts the attempts before this one; this failure is the (retry + 1)-th in a row.
+    return backoff_seconds(retry + 1, base=base, cap=BACKOFF_CAP_SECONDS)
 
 
 def decide_failure(failure: ApiFailure, *, retry: int, action: str) -> FailureDecision:
@@ -515,7 +511,7 @@ def decide_failure(failure: ApiFailure, *, retry: int, action: str) -> FailureDe
     if status in (400, 422):
         return FailureDecision(terminal=True, reason=INVALID_SPEC, message=failure.message)
     if status in (401, 403):
-        delay = backoff_delay(retry, base=CREDENTIALS_BACKOFF_BASE_SECONDS)
+        delay = backoff_seconds(retry + 1, base=CREDENTIALS_BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS)
         return FailureDecision(
             terminal=False, reason=UNAUTHORIZED, delay=delay,
             message=f"the API refused the API key to {action} ({failure.describe()}); retrying in {delay:g}s",

@@ -13,6 +13,7 @@ from environments_operator.adapters.environments_api import ApiCallError
 from environments_operator.adapters.kube import SecretKeyError
 from environments_operator.domain import environment_sync as sync
 from environments_operator.domain.environment_sync import ConditionChange
+from environments_operator.domain.vocabulary import backoff_seconds
 from environments_operator.handlers.environment.reconciler import SECRET_BACKOFF_BASE_SECONDS, Reconciler
 
 
@@ -45,11 +46,13 @@ async def end_remote_environment(reconciler: Reconciler, *, retry: int) -> None:
                                  f"released without looking for an environment an interrupted create may have "
                                  f"left: {exc}")
                 return
-            blocked, delay = str(exc), sync.backoff_delay(retry, base=SECRET_BACKOFF_BASE_SECONDS)
+            blocked, delay = str(exc), backoff_seconds(
+                retry + 1, base=SECRET_BACKOFF_BASE_SECONDS, cap=sync.BACKOFF_CAP_SECONDS)
         except ApiCallError as exc:
             if exc.failure.status != 404 or environment_id is None:  # already gone is what we wanted
                 decision = sync.decide_failure(exc.failure, retry=retry, action=f"{action} environment")
-                blocked, delay = exc.failure.describe(), decision.delay or sync.backoff_delay(retry)
+                blocked, delay = exc.failure.describe(), decision.delay or backoff_seconds(
+                    retry + 1, base=sync.BACKOFF_BASE_SECONDS, cap=sync.BACKOFF_CAP_SECONDS)
             else:
                 blocked, delay = "", 0.0
         else:

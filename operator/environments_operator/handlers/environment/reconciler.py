@@ -290,7 +290,8 @@ class Reconciler:
         return decision
 
     def report_credentials(self, error: SecretKeyError, *, retry: int) -> float:
-        delay = sync.backoff_delay(retry, base=SECRET_BACKOFF_BASE_SECONDS)
+        # kopf's ``retry`` counts the attempts before this one: this failure is the (retry + 1)-th in a row.
+        delay = vocabulary.backoff_seconds(retry + 1, base=SECRET_BACKOFF_BASE_SECONDS, cap=sync.BACKOFF_CAP_SECONDS)
         message = f"{error}; retrying in {delay:g}s"
         changes = sync.failed_conditions(sync.CREDENTIALS_UNAVAILABLE, message, ready=bool(self.status.get("id")))
         if sync.is_new_reason(self.status.get("conditions"), changes[-1]):
@@ -333,7 +334,8 @@ class Reconciler:
                 schedule.failed(now=utcnow(), retry_in=self.report_credentials(exc, retry=schedule.failures))
             except ApiCallError as exc:
                 decision = self.report_failure(exc.failure, retry=schedule.failures)
-                schedule.failed(now=utcnow(), retry_in=decision.delay or sync.backoff_delay(schedule.failures))
+                schedule.failed(now=utcnow(), retry_in=decision.delay or vocabulary.backoff_seconds(
+                    schedule.failures + 1, base=sync.BACKOFF_BASE_SECONDS, cap=sync.BACKOFF_CAP_SECONDS))
 
 
 def external_id_missing(external_id: str, failure: ApiFailure) -> ApiCallError:
