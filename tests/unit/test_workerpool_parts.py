@@ -331,3 +331,49 @@ async def test_loop_reports_an_invalid_spec_and_looks_again_on_the_blocked_beat(
     assert status["observedGeneration"] == 2
     await dispatcher.reconcile()
     assert len(kube.statuses) == 1  # nothing changed: nothing written
+
+
+# ----- cleanup of a deleted pool -----------------------------------------------------------------------
+
+
+class CleanupKube(FakeKube):
+    """Lists the pool's pods and Secrets by kind."""
+
+    def __init__(self, pods: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.pods = pods
+
+    async def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return list(self.pods) if kind == "Pod" else list(self.secrets)
+
+
+class ClosingQueue(FakeQueue):
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def worker_pod(work_id: str, phase: str) -> dict[str, Any]:
+    return {"metadata": {"name": worker_pod_name(work_id), "namespace": NS,
+                         "labels": {"managedagents.dev/worker-pool": POOL, "managedagents.dev/work-id": work_id}},
+            "status": {"phase": phase}}
+
+
+async def test_cleanup_force_stops_unfinished_and_owed_items_then_deletes_pods_and_secrets() -> None:
+    from environments_operator.handlers.workerpool.cleanup import end_deleted_pool
+
+    kube = CleanupKube([worker_pod("w-running", "Running"), worker_pod("w-done", "Succeeded")])
+    kube.secrets = [{"metadata": {"name": work_secret_name("w-running")}}]
+    queue = ClosingQueue()
+    dispatcher: Any = type("Dispatcher", (), {"queue": queue, "pending_stops": {"w-owed": 0.0}})()
+    patch: Any = type("Patch", (), {"status": {}})()
+    await end_deleted_pool(name=POOL, namespace=NS, spec={}, status={}, patch=patch,  # type: ignore[arg-type]
+                           memo={"kube": kube}, logger=_logger(), dispatcher=dispatcher, environments={})
+    assert sorted(queue.stopped) == ["w-owed", "w-running"]  # never the item whose pod finished
+    assert sorted(kube.deleted) == sorted([("Pod", worker_pod_name("w-running")), ("Pod", worker_pod_name("w-done")),
+                                           ("Secret", work_secret_name("w-running"))])
+    assert queue.closed
+    (ready,) = patch.status["conditions"]
+    assert (ready["status"], ready["reason"]) == ("False", "Deleting")
+    assert "2 worker pods removed; 2 work items force-stopped" in ready["message"]
