@@ -20,6 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve kopf's liveness probe at this URL, e.g. http://0.0.0.0:8080/healthz")
 
 
+# The HTTP clients log every request at INFO: an idle pool's long-polls alone would be 72 lines a minute.
+# They speak only at WARNING and above unless --verbose asks for everything.
+REQUEST_LOGGERS = ("httpx", "httpx2", "anthropic")
+
+
+def quiet_request_loggers(verbose: bool) -> None:
+    import logging
+
+    if not verbose:
+        for name in REQUEST_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(args: argparse.Namespace) -> int:
     import asyncio
     import sys
@@ -40,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose, log_format=(
         kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.PLAIN
     ))
+    quiet_request_loggers(args.verbose)
     standalone = args.standalone or not settings.peering_name
     asyncio.run(kopf.operator(
         clusterwide=not args.namespace,

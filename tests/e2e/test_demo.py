@@ -72,7 +72,13 @@ async def test_sigterm_ends_a_kept_running_demo_and_everything_it_started() -> N
             seen.append(raw.decode())
             if "still running" in seen[-1]:
                 break
-    assert any("kubectl get environments,workerpools,pods" in line for line in await read_more(demo))
+    instructions = await read_more(demo)
+    assert any("kubectl get environments,workerpools,pods" in line for line in instructions)
+    # Idle now: a few of the pool's long-polls go by, and the operator logs none of them.
+    kubeconfig = next(line.split("KUBECONFIG=")[1].strip() for line in instructions if "KUBECONFIG=" in line)
+    await asyncio.sleep(3)
+    operator_log = (Path(kubeconfig).parent / "operator.log").read_text()
+    assert "work/poll" not in operator_log and "HTTP Request" not in operator_log, operator_log[-2000:]
     demo.send_signal(signal.SIGTERM)
     await asyncio.wait_for(demo.wait(), timeout=60)
     assert demo.returncode == 130, "".join(seen[-20:])
