@@ -316,6 +316,9 @@ class WorkerPoolWorld:
         labels = {"managedagents.dev/worker-pool": pool} if pool else None
         return self.kube.list(PODS, self.namespace, labels)
 
+    def pods_with_labels(self, labels: dict[str, str]) -> list[dict[str, Any]]:
+        return self.kube.list(PODS, self.namespace, labels)
+
     def pod_for(self, work_id: str) -> dict[str, Any] | None:
         return next((p for p in self.pods()
                      if p["metadata"]["annotations"].get("managedagents.dev/work-id") == work_id), None)

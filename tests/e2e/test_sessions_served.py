@@ -88,6 +88,10 @@ class TestSessionsServed:
             await assert_each_served_once(api, session_ids)
 
         assert len(process_kubelet.started) == SESSIONS == len(set(process_kubelet.started))
+        # One INFO line per dispatched item says where it went.
+        dispatched = [r.getMessage() for r in world.operator.logs if "dispatched to pod" in r.getMessage()]
+        assert len(dispatched) == SESSIONS
+        assert all(any(session_id in line for line in dispatched) for session_id in session_ids)
         await world.kube.wait_until(lambda: len(process_kubelet.exit_codes) == SESSIONS, timeout=30)
         assert set(process_kubelet.exit_codes.values()) == {0}, process_kubelet.exit_codes
         await world.kube.wait_until(
@@ -112,6 +116,9 @@ class TestSessionsServed:
         pods_per_session = collections.Counter(
             p["metadata"]["annotations"]["managedagents.dev/session-id"] for p in world.pods())
         assert pods_per_session == dict.fromkeys(session_ids, 1)
+        # A session's sandbox is one label selector away.
+        for session_id in session_ids:
+            assert len(world.pods_with_labels({"managedagents.dev/session-id": session_id})) == 1
         assert len(process_kubelet.started) == SESSIONS == len(set(process_kubelet.started))
         acks = collections.Counter(r.path.split("/")[-2] for r in world.acks())
         assert set(acks.values()) == {1}, "an item was acknowledged twice"

@@ -18,6 +18,7 @@ from environments_operator.domain.worker_manifests import (
     ANNOTATION_WORK_ID,
     ENV_MAX_IDLE,
     LABEL_MANAGED_BY,
+    LABEL_SESSION_ID,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
     WORK_SECRET_KEY,
@@ -123,6 +124,7 @@ class TestWorkerPod:
         assert manifest["metadata"]["name"] == worker_pod_name(WORK.work_id)
         assert manifest["metadata"]["labels"] == {
             LABEL_WORKER_POOL: "sandboxes", LABEL_WORK_ID: WORK.work_id, LABEL_MANAGED_BY: "environments-operator",
+            LABEL_SESSION_ID: WORK.session_id,
         }
         assert manifest["metadata"]["annotations"][ANNOTATION_WORK_ID] == WORK.work_id
         (owner,) = manifest["metadata"]["ownerReferences"]

@@ -29,6 +29,9 @@ JSON = dict[str, Any]
 LABEL_WORKER_POOL = "managedagents.dev/worker-pool"
 LABEL_WORK_ID = "managedagents.dev/work-id"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+# So that `kubectl get pods -l managedagents.dev/session-id=<id>` finds a session's sandbox. Session IDs
+# are case-sensitive, as label values are.
+LABEL_SESSION_ID = "managedagents.dev/session-id"
 MANAGED_BY = "environments-operator"
 # The exact IDs are also kept in annotations: a label value is capped at 63 characters, so an ID
 # that does not fit is labelled with a hashed stand-in and read back from here.
@@ -129,7 +132,7 @@ def _contract_metadata(name: str, pool: PoolIdentity, work: WorkAssignment) -> J
     return {
         "name": name,
         "namespace": pool.namespace,
-        "labels": contract_labels(pool, work.work_id),
+        "labels": {**contract_labels(pool, work.work_id), LABEL_SESSION_ID: label_value(work.session_id)},
         "annotations": {
             ANNOTATION_WORK_ID: work.work_id,
             ANNOTATION_WORKER_POOL: pool.name,

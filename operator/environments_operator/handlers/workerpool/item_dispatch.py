@@ -105,6 +105,8 @@ class ItemDispatcher:
                 await self.lifecycle.delete_worker(item.work_id, pod_name)
             return
         metrics.DISPATCH_LATENCY.labels(stage="acked").observe(ctx.now() - claimed_at)
+        ctx.logger.info("work item %s of session %s dispatched to pod %s/%s (pool %s)",
+                        item.work_id, item.session_id, ctx.namespace, pod_name, ctx.name)
         metrics.ITEMS_DISPATCHED.labels(namespace=ctx.namespace, pool=ctx.name).inc()
         if pod_created:
             ctx.created_unseen[item.work_id] = ctx.now()
