@@ -76,11 +76,12 @@ class Kubelet:
     def _set_status(self, name: str, namespace: str, status: JSON) -> JSON:
         return self.kube.patch_status(PODS, name, status, namespace)
 
-    def run(self, name: str, namespace: str) -> JSON:
+    def run(self, name: str, namespace: str, *, host_ip: str = "10.0.0.1", pod_ip: str | None = None) -> JSON:
         """Scheduled, containers started and ready: phase Running."""
         pod, now = self._pod(name, namespace), timestamp_now()
         return self._set_status(name, namespace, {
-            "phase": "Running", "hostIP": "10.0.0.1", "podIP": f"10.244.0.{next(self._addresses) % 250 + 2}",
+            "phase": "Running", "hostIP": host_ip,
+            "podIP": pod_ip or f"10.244.0.{next(self._addresses) % 250 + 2}",
             "startTime": now,
             "conditions": [condition("PodScheduled", True), condition("Initialized", True),
                            condition("ContainersReady", True), condition("Ready", True)],
@@ -115,9 +116,15 @@ class Kubelet:
         """Scheduled, but the image cannot be pulled: stays Pending, containers waiting in ImagePullBackOff."""
         pod = self._pod(name, namespace)
         image = next((c.get("image", "") for c in pod.get("spec", {}).get("containers", [])), "")
-        waiting = {"waiting": {"reason": "ImagePullBackOff", "message": f'Back-off pulling image "{image}"'}}
+        return self.waiting(name, namespace, "ImagePullBackOff", f'Back-off pulling image "{image}"')
+
+    def waiting(self, name: str, namespace: str, reason: str, message: str, *, host_ip: str = "10.0.0.1") -> JSON:
+        """Scheduled, but its containers cannot start (``reason``, e.g. ImagePullBackOff): stays Pending."""
+        pod = self._pod(name, namespace)
+        waiting = {"waiting": {"reason": reason, "message": message}}
         return self._set_status(name, namespace, {
-            "phase": "Pending", "hostIP": "10.0.0.1", "startTime": timestamp_now(),
+            "phase": "Pending", "hostIP": host_ip,
+            "startTime": pod.get("status", {}).get("startTime") or timestamp_now(),
             "conditions": [condition("PodScheduled", True), condition("Initialized", True),
                            condition("ContainersReady", False, "ContainersNotReady"),
                            condition("Ready", False, "ContainersNotReady")],

@@ -41,11 +41,11 @@ from environments_operator.devcluster.kubelet import (
     Kubelet,
     cancel_all,
     condition,
-    container_statuses,
-    timestamp_now,
 )
 
 LOCAL_COMMAND = "environments-operator"
+# Every pod of this node runs on this machine's loopback.
+LOCAL_IP = "127.0.0.1"
 DEFAULT_GRACE_SECONDS = 30
 # How often a container waiting for its Secret is tried again (a real kubelet backs off up to minutes).
 CONFIG_RETRY_SECONDS = 0.5
@@ -55,7 +55,7 @@ _FIELD_PATHS = {
     "metadata.uid": lambda pod: pod["metadata"]["uid"],
     "spec.nodeName": lambda pod: pod["spec"].get("nodeName") or "localhost",
     "spec.serviceAccountName": lambda pod: pod["spec"].get("serviceAccountName") or "default",
-    "status.podIP": lambda pod: "127.0.0.1",
+    "status.podIP": lambda pod: LOCAL_IP,
 }
 
 
@@ -253,7 +253,8 @@ class ProcessKubelet:
         running = PodProcess(name, namespace, uid, directory, process, float(grace))
         self.processes[uid] = running
         self.started.append(name)
-        self._write_status(pod, self._running_status(pod))
+        with contextlib.suppress(ApiError, LookupError):
+            self._status.run(name, namespace, host_ip=LOCAL_IP, pod_ip=LOCAL_IP)
         running.waiter = asyncio.create_task(self._wait(running))
 
     async def _wait(self, running: PodProcess) -> None:
@@ -290,26 +291,10 @@ class ProcessKubelet:
 
     # --- status ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _running_status(pod: JSON) -> JSON:
-        started = timestamp_now()
-        return {
-            "phase": "Running", "hostIP": "127.0.0.1", "podIP": "127.0.0.1", "startTime": started,
-            "conditions": [condition("PodScheduled", True), condition("Initialized", True),
-                           condition("ContainersReady", True), condition("Ready", True)],
-            "containerStatuses": container_statuses(pod, {"running": {"startedAt": started}}, ready=True, started=True),
-        }
-
     def _waiting(self, pod: JSON, reason: str, message: str) -> None:
-        waiting = {"waiting": {"reason": reason, "message": message}}
-        self._write_status(pod, {
-            "phase": "Pending", "hostIP": "127.0.0.1",
-            "startTime": pod.get("status", {}).get("startTime") or timestamp_now(),
-            "conditions": [condition("PodScheduled", True), condition("Initialized", True),
-                           condition("ContainersReady", False, "ContainersNotReady"),
-                           condition("Ready", False, "ContainersNotReady")],
-            "containerStatuses": container_statuses(pod, waiting, ready=False, started=False),
-        })
+        with contextlib.suppress(ApiError, LookupError):  # the pod went away meanwhile
+            self._status.waiting(pod["metadata"]["name"], pod["metadata"]["namespace"], reason, message,
+                                 host_ip=LOCAL_IP)
 
     def _write_status(self, pod: JSON, status: JSON) -> None:
         with contextlib.suppress(ApiError, LookupError):
