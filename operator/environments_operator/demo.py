@@ -243,8 +243,9 @@ async def wait_until(condition: Callable[[], Any], seconds: float, what: str,
 def observe(rows: list[SessionRow], kube: Kube, emulator: EmulatorServer, tools_total: int) -> None:
     """Fill every row from the emulator's sessions and work items and the simulated cluster's pods."""
     from environments_operator.devcluster.kube import PODS
+    from environments_operator.domain.worker_manifests import ANNOTATION_SESSION_ID
 
-    pods = {(p["metadata"].get("annotations") or {}).get("managedagents.dev/session-id"): p
+    pods = {(p["metadata"].get("annotations") or {}).get(ANNOTATION_SESSION_ID): p
             for p in kube.list(PODS, NAMESPACE)}
     state = emulator.state
     for row in rows:

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from environments_operator.demo import SimulatedWorld, simulated_world  # noqa: E402
 from environments_operator.devcluster.kube import PODS  # noqa: E402
+from environments_operator.domain.worker_manifests import ANNOTATION_SESSION_ID  # noqa: E402
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -65,7 +66,7 @@ async def served_and_gone(world: SimulatedWorld, session_id: str) -> None:
     while True:
         items = [item for item in state.work.values() if item.session_id == session_id]
         pods = [p for p in world.kube.list(PODS, "demo")
-                if p["metadata"]["annotations"].get("managedagents.dev/session-id") == session_id]
+                if p["metadata"]["annotations"].get(ANNOTATION_SESSION_ID) == session_id]
         if items and all(item.state == "stopped" for item in items) and not pods:
             return
         world.check()
