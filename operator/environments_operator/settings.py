@@ -62,6 +62,10 @@ SETTINGS: tuple[SettingSpec, ...] = (
         "Name of the kopf peering object shared by replicas; empty disables peering (single replica).",
     ),
     SettingSpec(
+        "ENVIRONMENTS_OPERATOR_POD_RELIST_SECONDS", "60", "sync.podRelistSeconds",
+        "Seconds between lists of each WorkerPool's pods; they catch pods deleted while the pod watch was broken.",
+    ),
+    SettingSpec(
         "ENVIRONMENTS_OPERATOR_LOG_FORMAT", "plain", "logFormat",
         "Log format: plain or json.",
     ),
@@ -82,6 +86,7 @@ class OperatorSettings:
     peering_priority: int
     peering_name: str
     log_format: str
+    pod_relist_seconds: float = 60.0
 
     def __repr__(self) -> str:  # never print the key
         return (
@@ -131,4 +136,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         peering_priority=int(_number(env, "ENVIRONMENTS_OPERATOR_PEERING_PRIORITY", int, -(2**31))),
         peering_name=_get(env, "ENVIRONMENTS_OPERATOR_PEERING_NAME") or "",
         log_format=log_format,
+        pod_relist_seconds=float(_number(env, "ENVIRONMENTS_OPERATOR_POD_RELIST_SECONDS", float, 1)),
     )

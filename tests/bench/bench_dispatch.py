@@ -162,9 +162,10 @@ async def reference_loop(base_url: str, environment_id: str, environment_key: st
                 assert item.secret is not None
                 work = WorkAssignment(work_id=item.id, environment_id=environment_id, session_id=item.data.id,
                                       secret=item.secret)
-                await kube.create_if_absent("Secret", NAMESPACE, build_work_secret(pool, work))
-                await kube.create_if_absent("Pod", NAMESPACE, build_worker_pod(
+                pod = await kube.create("Pod", NAMESPACE, build_worker_pod(
                     pool, work, template={}, default_image=WORKER_IMAGE, base_url=base_url, max_idle_seconds=60))
+                assert pod is not None
+                await kube.create("Secret", NAMESPACE, build_work_secret(pool, work, pod_uid=pod["metadata"]["uid"]))
                 dispatched += 1
     kube.close()
 

@@ -19,8 +19,8 @@ from environments_operator.domain.dispatch import (
     can_start_poll,
     desired_workers,
     dispatch_failure,
-    earlier_pod_ended,
     environment_entry,
+    existing_pod_action,
     occupied_slots,
     parse_pool_spec,
     poller_should_retire,
@@ -33,12 +33,14 @@ from environments_operator.domain.dispatch import (
 )
 from environments_operator.domain.vocabulary import backoff_seconds
 from environments_operator.domain.worker_lifecycle import (
+    UNRELEASED_CHECK_AFTER_SECONDS,
     PodMemory,
     orphaned_secrets,
     plan_lifecycle,
     start_timeout_message,
+    unreleased_pod_action,
 )
-from environments_operator.domain.worker_manifests import worker_pod_name
+from environments_operator.domain.worker_manifests import SCHEDULING_GATE, worker_pod_name
 from environments_operator.domain.workerpool import WorkerPoolSpec, queue_status_from_stats
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -159,9 +161,12 @@ def pod_body(name: str = "work-a", work_id: str = "work_A", phase: str | None = 
 
 
 def view(name: str, phase: str, *, created: datetime | None = T0, finished: datetime | None = None,
-         deleting: bool = False, cause: str | None = None) -> WorkerPodView:
+         deleting: bool = False, cause: str | None = None, gated: bool = False,
+         deletion_deadline: datetime | None = None) -> WorkerPodView:
     return WorkerPodView(name=name, namespace="ns", pool="pool", work_id=f"id-{name}", phase=phase,
-                         deleting=deleting, created_at=created, finished_at=finished, cause=cause)
+                         deleting=deleting or deletion_deadline is not None, created_at=created, finished_at=finished,
+                         cause=cause, uid=f"uid-{name}", scheduling_gates=(SCHEDULING_GATE,) if gated else (),
+                         deletion_deadline=deletion_deadline)
 
 
 class TestPodView:
@@ -192,13 +197,27 @@ class TestPodView:
         parsed = worker_pod_view(body)
         assert parsed is not None and parsed.work_id == "work_AbC"
 
+    def test_gate_environment_and_deletion_deadline(self) -> None:
+        body = pod_body(phase="Pending")
+        body["metadata"].update(uid="u1", deletionTimestamp="2026-05-01T12:00:30Z")
+        body["metadata"]["annotations"]["managedagents.dev/environment-id"] = "env_old"
+        body["spec"] = {"schedulingGates": [{"name": "example.com/other"}, {"name": SCHEDULING_GATE}]}
+        parsed = worker_pod_view(body)
+        assert parsed is not None and parsed.gated and parsed.uid == "u1" and parsed.environment_id == "env_old"
+        assert parsed.scheduling_gates == ("example.com/other", SCHEDULING_GATE)
+        assert parsed.deletion_deadline == T0 + timedelta(seconds=30)
+        assert not parsed.stuck_terminating(T0 + timedelta(seconds=30))
+        assert parsed.stuck_terminating(T0 + timedelta(seconds=31))
+        body["spec"] = {"schedulingGates": [{"name": "example.com/other"}]}
+        assert not worker_pod_view(body).gated  # type: ignore[union-attr]
+
     def test_foreign_pods_are_ignored(self) -> None:
         assert worker_pod_view({"metadata": {"name": "x", "labels": {}}}) is None
 
     def test_unfinished_and_counts(self) -> None:
         views = [view("a", "Pending"), view("b", "Running"), view("c", "Succeeded"), view("d", "Failed"),
                  view("e", "Unknown")]
-        assert unfinished_work_ids(views) == {"id-a", "id-b", "id-e"}
+        assert unfinished_work_ids(views, T0) == {"id-a", "id-b", "id-e"}
         counts = worker_counts(views)
         assert (counts.starting, counts.running, counts.succeeded, counts.failed) == (1, 2, 1, 1)
 
@@ -218,6 +237,26 @@ class TestLifecycle:
         assert second.timed_out == (pending,)
         assert "ImagePullBackOff" in start_timeout_message(pending, 60)
         assert plan([pending], memory, T0 + timedelta(seconds=61)).timed_out == ()
+
+    def test_gated_pods_never_time_out_and_are_looked_at_once_their_dispatch_is_over(self) -> None:
+        memory = PodMemory()
+        gated = view("a", "Pending", gated=True)
+        early = plan([gated], memory, T0 + timedelta(seconds=UNRELEASED_CHECK_AFTER_SECONDS - 1))
+        assert early.unreleased == () and early.next_check_in == pytest.approx(1)
+        late = plan([gated], memory, T0 + timedelta(seconds=600))
+        assert late.timed_out == () and late.unreleased == (gated,)
+        in_flight = plan_lifecycle([gated], memory, now=T0 + timedelta(seconds=600), startup_timeout_seconds=60,
+                                   ttl_seconds_after_finished=30, in_flight={"id-a"})
+        assert in_flight.unreleased == ()
+
+    def test_pods_stuck_terminating_are_force_deleted_after_their_grace(self) -> None:
+        memory = PodMemory()
+        stuck = view("a", "Running", deletion_deadline=T0 + timedelta(seconds=30))
+        before = plan([stuck], memory, T0 + timedelta(seconds=29))
+        assert before.stuck_terminating == () and before.next_check_in == pytest.approx(1, abs=0.01)
+        assert plan([stuck], memory, T0 + timedelta(seconds=31)).stuck_terminating == (stuck,)
+        assert stuck.holds_slot(T0 + timedelta(seconds=29)) and not stuck.holds_slot(T0 + timedelta(seconds=31))
+        assert unfinished_work_ids([stuck], T0 + timedelta(seconds=31)) == set()
 
     def test_pending_without_creation_time_counts_from_first_sight(self) -> None:
         memory = PodMemory()
@@ -354,22 +393,21 @@ class TestOrphanedSecrets:
 
 
 @pytest.mark.parametrize(
-    ("status", "retryable", "pod_created", "expected"),
+    ("status", "retryable", "expected"),
     [
-        (0, True, True, "offer_again"),      # no answer: the item comes back and meets its pod
-        (503, True, True, "offer_again"),
-        (429, True, False, "offer_again"),
-        (409, False, True, "keep_pod"),      # already acknowledged (a lost answer): its worker may be live
-        (409, False, False, "keep_pod"),
-        (404, False, True, "remove_pod"),    # the item is gone: a pod made just now serves nothing
-        (403, False, True, "remove_pod"),
-        (404, False, False, "keep_pod"),     # an earlier pod is not ours to judge here: lifecycle handles it
+        (0, True, "offer_again"),      # no answer: the item comes back and meets its gated pod
+        (503, True, "offer_again"),
+        (429, True, "offer_again"),
+        (409, False, "ask_state"),     # past queued: acknowledged after all (starting), or held or stopped
+        (404, False, "remove_pod"),    # the item is gone
+        (403, False, "remove_pod"),    # the key is refused
     ],
 )
-def test_after_failed_ack(status: int, retryable: bool, pod_created: bool, expected: str) -> None:
+def test_after_failed_ack(status: int, retryable: bool, expected: str) -> None:
     from environments_operator.domain.dispatch import after_failed_ack
 
-    assert after_failed_ack(status=status, retryable=retryable, pod_created=pod_created) == expected
+    # The pod is gated whenever an ack fails, so removing it can never end a worker.
+    assert after_failed_ack(status=status, retryable=retryable) == expected
 
 
 class TestPollFailure:
@@ -412,16 +450,35 @@ class TestPollFailure:
 
 
 @pytest.mark.parametrize(
-    ("pods", "ended"),
+    ("pod", "action"),
     [
-        ([], False),                                                                  # no pod under the name
-        ([view("work-a", "Running")], False),                                         # live: AlreadyExists
-        ([view("work-a", "Pending")], False),
-        ([view("work-a", "Succeeded")], True),                                        # the item came back
-        ([view("work-a", "Failed")], True),
-        ([view("work-a", "Running", deleting=True)], True),                           # on its way out
-        ([view("work-b", "Succeeded"), view("work-a", "Running")], False),            # another pod ended
+        (view("work-a", "Pending", gated=True), "serve"),        # a dispatch stopped before the release
+        (view("work-a", "Pending"), "leave"),                    # released: a worker may be starting
+        (view("work-a", "Running"), "leave"),                    # a lost lease, the pod still Running
+        (view("work-a", "Unknown"), "leave"),                    # node unreachable: wait for the pod to end
+        (view("work-a", "Succeeded"), "clear"),                  # the item came back after its pod ended
+        (view("work-a", "Failed"), "clear"),
+        (view("work-a", "Running", deleting=True), "clear"),     # on its way out
+        (view("work-a", "Pending", gated=True, deleting=True), "clear"),
     ],
 )
-def test_earlier_pod_ended(pods: list[WorkerPodView], ended: bool) -> None:
-    assert earlier_pod_ended(pods, "work-a") is ended
+def test_existing_pod_action(pod: WorkerPodView, action: str) -> None:
+    assert existing_pod_action(pod) == action
+
+
+@pytest.mark.parametrize(
+    ("state", "age", "action"),
+    [
+        ("starting", 15, "release"),     # acknowledged, never released (a crash between the two)
+        ("starting", 900, "release"),
+        ("queued", 15, "wait"),          # not acknowledged: served into this pod when offered again
+        ("queued", 60, "delete"),        # past the startup timeout: a fresh pod later
+        ("active", 15, "delete"),        # another worker holds it
+        ("stopping", 15, "delete"),
+        ("stopped", 15, "delete"),
+        (None, 15, "delete"),            # no such item
+        ("unknown", 900, "wait"),        # not among the newest items: it may be starting
+    ],
+)
+def test_unreleased_pod_action(state: str | None, age: float, action: str) -> None:
+    assert unreleased_pod_action(state, age_seconds=age, startup_timeout_seconds=60) == action

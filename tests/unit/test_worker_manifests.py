@@ -15,12 +15,14 @@ import kubernetes_validate
 import pytest
 
 from environments_operator.domain.worker_manifests import (
+    ANNOTATION_ENVIRONMENT_ID,
     ANNOTATION_WORK_ID,
     ENV_MAX_IDLE,
     LABEL_MANAGED_BY,
     LABEL_SESSION_ID,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
+    SCHEDULING_GATE,
     WORK_SECRET_KEY,
     PoolIdentity,
     WorkAssignment,
@@ -28,6 +30,7 @@ from environments_operator.domain.worker_manifests import (
     build_worker_pod,
     label_value,
     pool_selector,
+    release_patch,
     work_secret_name,
     worker_pod_name,
 )
@@ -130,6 +133,18 @@ class TestWorkerPod:
         (owner,) = manifest["metadata"]["ownerReferences"]
         assert owner == {"apiVersion": "managedagents.dev/v1alpha1", "kind": "WorkerPool", "name": "sandboxes",
                          "uid": POOL.uid, "controller": True, "blockOwnerDeletion": True}
+        assert manifest["metadata"]["annotations"][ANNOTATION_ENVIRONMENT_ID] == WORK.environment_id
+
+    @pytest.mark.parametrize(("template_gates", "released"), [
+        ([], None),
+        ([{"name": "example.com/quota"}], [{"name": "example.com/quota"}]),
+    ])
+    def test_pods_are_created_gated_and_the_release_keeps_other_gates(
+            self, template_gates: list[dict[str, str]], released: list[dict[str, str]] | None) -> None:
+        manifest = pod({"spec": {"schedulingGates": template_gates}})
+        gates = manifest["spec"]["schedulingGates"]
+        assert gates == [*template_gates, {"name": SCHEDULING_GATE}]
+        assert release_patch(tuple(gate["name"] for gate in gates)) == {"spec": {"schedulingGates": released}}
 
     def test_the_pools_max_idle_reaches_the_worker_and_a_template_cannot_override_it(self) -> None:
         template = {"spec": {"containers": [{"name": "worker", "env": [{"name": ENV_MAX_IDLE, "value": "999"}]}]}}
@@ -207,11 +222,15 @@ class TestWorkerPod:
 
 class TestWorkSecret:
     def test_secret_is_valid_immutable_and_holds_only_the_work_secret(self) -> None:
-        secret = build_work_secret(POOL, WORK)
+        secret = build_work_secret(POOL, WORK, pod_uid="pod-uid-1")
         validate(secret)
         assert secret["immutable"] is True
         assert secret["metadata"]["name"] == work_secret_name(WORK.work_id)
         assert list(secret["data"]) == [WORK_SECRET_KEY]
         assert base64.b64decode(secret["data"][WORK_SECRET_KEY]).decode() == WORK.secret
         assert secret["metadata"]["labels"][LABEL_WORK_ID] == WORK.work_id
-        assert secret["metadata"]["ownerReferences"][0]["uid"] == POOL.uid
+        # It belongs to its pod, not to the pool: it goes with the pod, and only that pod's pool has it.
+        assert secret["metadata"]["ownerReferences"] == [{
+            "apiVersion": "v1", "kind": "Pod", "name": worker_pod_name(WORK.work_id), "uid": "pod-uid-1",
+            "controller": True, "blockOwnerDeletion": False}]
+        assert secret["metadata"]["labels"][LABEL_WORKER_POOL] == POOL.name

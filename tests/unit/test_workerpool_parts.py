@@ -21,7 +21,7 @@ from environments_operator.domain.worker_manifests import work_secret_name, work
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import WAKERS, PoolContext
 from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
-from environments_operator.handlers.workerpool.lifecycle import WorkerLifecycle
+from environments_operator.handlers.workerpool.lifecycle import OwedStop, WorkerLifecycle
 from environments_operator.handlers.workerpool.loop import PoolDispatcher
 from environments_operator.handlers.workerpool.pollers import PollerGroup
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
@@ -40,18 +40,23 @@ class FakeKube:
     def __init__(self) -> None:
         self.created: list[tuple[str, str]] = []
         self.deleted: list[tuple[str, str]] = []
+        self.patched: list[tuple[str, str, dict[str, Any]]] = []
         self.refuse: dict[str, int] = {}
         self.secrets: list[dict[str, Any]] = []
         self.key_error: Exception | None = SecretKeyError("Secret ns/key has no key k")
         self.key_reads = 0
 
-    async def create_if_absent(self, kind: str, namespace: str, body: dict[str, Any]) -> bool:
+    async def create(self, kind: str, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         if kind in self.refuse:
             raise KubeApiError(self.refuse[kind], "Forbidden", "exceeded quota")
         self.created.append((kind, body["metadata"]["name"]))
-        return True
+        return {**body, "metadata": {**body["metadata"], "uid": f"uid-{body['metadata']['name']}"}}
 
-    async def delete_if_present(self, kind: str, namespace: str, name: str) -> None:
+    async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patched.append((kind, name, patch))
+        return {}
+
+    async def delete_if_present(self, kind: str, namespace: str, name: str, **_: Any) -> None:
         self.deleted.append((kind, name))
 
     async def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
@@ -115,27 +120,32 @@ def _logger() -> Any:
 # ----- item dispatch ------------------------------------------------------------------------------
 
 
-async def test_item_dispatch_creates_secret_then_pod_then_acks() -> None:
+def no_queue(environment_id: str | None) -> None:
+    return None
+
+
+async def test_item_dispatch_creates_a_gated_pod_then_its_secret_then_acks_then_releases() -> None:
     kube, queue = FakeKube(), FakeQueue()
     ctx = make_context(kube)
-    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue=lambda: None), last_dispatch_time=None)
+    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), last_dispatch_time=None)
     await items.dispatch(queue, SPEC, session_item("w1"), claimed_at=ctx.now())  # type: ignore[arg-type]
-    assert kube.created == [("Secret", work_secret_name("w1")), ("Pod", worker_pod_name("w1"))]
+    assert kube.created == [("Pod", worker_pod_name("w1")), ("Secret", work_secret_name("w1"))]
     assert queue.acked == ["w1"]
+    assert kube.patched == [("Pod", worker_pod_name("w1"), {"spec": {"schedulingGates": None}})]
     assert "w1" in ctx.created_unseen
     assert items.last_dispatch_time is not None
     assert items.backoff == Backoff()
 
 
-async def test_item_dispatch_refused_pod_removes_its_secret_backs_off_and_posts_one_event() -> None:
+async def test_item_dispatch_refused_pod_deletes_nothing_backs_off_and_posts_one_event() -> None:
     kube, queue = FakeKube(), FakeQueue()
     kube.refuse["Pod"] = 403
     ctx = make_context(kube)
-    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue=lambda: None), last_dispatch_time=None)
+    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), last_dispatch_time=None)
     for work_id in ("w1", "w2"):
         await items.dispatch(queue, SPEC, session_item(work_id), claimed_at=ctx.now())  # type: ignore[arg-type]
     assert queue.acked == []
-    assert ("Secret", work_secret_name("w1")) in kube.deleted
+    assert kube.deleted == []  # a Secret of the same name may be another dispatch's
     assert items.backoff.attempts == 2 and items.backoff.paused_until > ctx.now()
     assert items.backoff.problem is not None and items.backoff.problem.reason == "PodCreationForbidden"
     assert ctx.events == ["DispatchFailed"]  # type: ignore[attr-defined]  # the second, same reason, is throttled
@@ -144,7 +154,7 @@ async def test_item_dispatch_refused_pod_removes_its_secret_backs_off_and_posts_
 async def test_item_dispatch_acks_and_stops_items_that_are_not_sessions() -> None:
     kube, queue = FakeKube(), FakeQueue()
     ctx = make_context(kube)
-    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue=lambda: None), last_dispatch_time=None)
+    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), last_dispatch_time=None)
     health = ClaimedWork(work_id="h1", environment_id="env_1", work_type="healthcheck", session_id=None, secret=None)
     await items.dispatch(queue, SPEC, health, claimed_at=ctx.now())  # type: ignore[arg-type]
     assert kube.created == [] and queue.acked == ["h1"] and queue.stopped == ["h1"]
@@ -158,12 +168,12 @@ def pending_pod(work_id: str, *, age_seconds: float) -> WorkerPodView:
                          created_at=datetime.now(UTC) - timedelta(seconds=age_seconds), cause="ErrImagePull: nope")
 
 
-async def test_lifecycle_deletes_a_pod_past_its_startup_timeout_and_force_stops_its_item() -> None:
+async def test_lifecycle_force_stops_the_item_of_a_pod_past_its_startup_timeout_then_deletes_it() -> None:
     kube, queue = FakeKube(), FakeQueue()
     pod = pending_pod("w1", age_seconds=120)
     ctx = make_context(kube, {(NS, POOL): [pod]})
     ctx.spec = SPEC
-    lifecycle = WorkerLifecycle(ctx, queue=lambda: queue)  # type: ignore[arg-type,return-value]
+    lifecycle = WorkerLifecycle(ctx, queue_for=lambda env: queue)  # type: ignore[arg-type,return-value]
     await lifecycle.act(ctx.views())
     assert ctx.events == ["WorkerStartTimeout"]  # type: ignore[attr-defined]
     assert ("Pod", pod.name) in kube.deleted and ("Secret", work_secret_name("w1")) in kube.deleted
@@ -177,21 +187,23 @@ async def test_lifecycle_keeps_owing_a_force_stop_until_it_gets_through() -> Non
     queue: FakeQueue | None = None
     ctx = make_context(kube, {(NS, POOL): [pending_pod("w1", age_seconds=120)]})
     ctx.spec = SPEC
-    lifecycle = WorkerLifecycle(ctx, queue=lambda: queue)  # type: ignore[arg-type,return-value]
+    lifecycle = WorkerLifecycle(ctx, queue_for=lambda env: queue)  # type: ignore[arg-type,return-value]
     await lifecycle.act(ctx.views())
-    assert lifecycle.pending_stops == {"w1": "WorkerStartTimeout"}
+    assert [owed.reason for owed in lifecycle.pending_stops.values()] == ["WorkerStartTimeout"]
+    assert kube.deleted == []  # the pod is the durable record of the stop owed: kept until it went through
     assert lifecycle.stop_backoff.paused_until == pytest.approx(ctx.now() + STOP_RETRY_SECONDS, abs=0.5)
     queue = FakeQueue()
     lifecycle.stop_backoff = Backoff()
     await lifecycle.act(ctx.views())
     assert queue.stopped == ["w1"] and lifecycle.pending_stops == {}
+    assert ("Pod", worker_pod_name("w1")) in kube.deleted
 
 
 async def test_lifecycle_leaves_a_young_pending_pod_alone_and_says_when_to_look_again() -> None:
     kube = FakeKube()
     ctx = make_context(kube, {(NS, POOL): [pending_pod("w1", age_seconds=10)]})
     ctx.spec = SPEC
-    lifecycle = WorkerLifecycle(ctx, queue=lambda: None)
+    lifecycle = WorkerLifecycle(ctx, queue_for=no_queue)
     await lifecycle.act(ctx.views())
     assert kube.deleted == [] and lifecycle.pending_stops == {}
     assert lifecycle.next_lifecycle_check == pytest.approx(50, abs=1)
@@ -350,7 +362,7 @@ class CleanupKube(FakeKube):
 class ClosingQueue(FakeQueue):
     closed = False
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         self.closed = True
 
 
@@ -366,7 +378,9 @@ async def test_cleanup_force_stops_unfinished_and_owed_items_then_deletes_pods_a
     kube = CleanupKube([worker_pod("w-running", "Running"), worker_pod("w-done", "Succeeded")])
     kube.secrets = [{"metadata": {"name": work_secret_name("w-running")}}]
     queue = ClosingQueue()
-    dispatcher: Any = type("Dispatcher", (), {"queue": queue, "pending_stops": {"w-owed": 0.0}})()
+    access: Any = type("Access", (), {"queue_for": lambda self, env: queue, "close": queue.aclose})()
+    dispatcher: Any = type("Dispatcher", (), {"queue": queue, "access": access,
+                                              "pending_stops": {"w-owed": OwedStop("WorkerFailed", "env_1")}})()
     patch: Any = type("Patch", (), {"status": {}})()
     await end_deleted_pool(name=POOL, namespace=NS, spec={}, status={}, patch=patch,  # type: ignore[arg-type]
                            memo={"kube": kube}, logger=_logger(), dispatcher=dispatcher, environments={})
@@ -377,3 +391,26 @@ async def test_cleanup_force_stops_unfinished_and_owed_items_then_deletes_pods_a
     (ready,) = patch.status["conditions"]
     assert (ready["status"], ready["reason"]) == ("False", "Deleting")
     assert "2 worker pods removed; 2 work items force-stopped" in ready["message"]
+
+
+async def test_queue_access_keeps_the_client_of_a_former_environment_while_needed_then_closes_it() -> None:
+    kube = FakeKube()
+    kube.key_error = None
+    ctx = make_context(kube)
+
+    async def before_replacing() -> None:
+        pass
+
+    access = QueueAccess(ctx, environments={}, before_replacing=before_replacing)
+    assert await access.resolve(SPEC, ctx.now()) is None
+    first = access.queue
+    assert first is not None and access.queue_for("env_1") is first and access.queue_for(None) is first
+    moved = SPEC.model_copy(update={"environmentId": "env_2"})
+    assert await access.resolve(moved, ctx.now()) is None
+    assert access.queue is not first and access.queue_for("env_1") is first  # kept for env_1's pods and stops
+    await access.close_unused(in_use=set(), environments_needed={"env_1"})
+    assert access.queue_for("env_1") is first
+    await access.close_unused(in_use=set(), environments_needed=set())
+    assert "env_1" not in access.retired  # closed once nothing needs it (no API key here to reach env_1)
+    assert access.queue_for("env_1") is None
+    await access.close()

@@ -169,10 +169,12 @@ Role's in each listed namespace otherwise. Only what the operator calls; see the
 - apiGroups: ["managedagents.dev"]
   resources: ["workerpools/finalizers"]
   verbs: ["update"]
-# Worker pods: one per work item, watched for their phase, deleted after their TTL.
+# Worker pods: one per work item, created behind a scheduling gate and released (patch) once the item
+# is acknowledged; read back when an item meets its pod again; watched and listed for their phase;
+# deleted after their TTL.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Per-work-item Secrets, and the API/environment keys that resources reference.
 - apiGroups: [""]
   resources: ["secrets"]

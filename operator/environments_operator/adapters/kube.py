@@ -8,6 +8,10 @@ client's model classes, and skipping the model round trip keeps dispatch fast.
 The configuration is loaded the way kopf's default login loads it (in-cluster, else the current
 kubeconfig), so the operator and its own calls always talk to the same apiserver.
 
+Every call has a connect and a read timeout, and every connection TCP keepalive: one hung call (a slow
+admission webhook, a connection a load balancer dropped without a word) fails within
+``READ_TIMEOUT_SECONDS`` instead of holding a thread of the shared pool, and its dispatch, for minutes.
+
 This module does no decision making: it creates, reads, lists and deletes what it is told to.
 """
 
@@ -22,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 JSON = dict[str, Any]
@@ -29,13 +34,18 @@ T = TypeVar("T")
 
 # Enough threads to keep pipelined dispatch busy without letting one burst open hundreds of sockets.
 DEFAULT_MAX_THREADS = 16
+# An admission webhook may take up to 30 s (its maximum timeoutSeconds); nothing we call takes longer.
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 35.0
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class KubeApiError(Exception):
     """A refused Kubernetes API call; ``status`` and ``reason`` are the apiserver's."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{status} {reason}: {message}")
+        # status 0: no answer (connection refused or dropped, or the read timed out)
+        super().__init__(f"{status or 'no response'} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
@@ -73,6 +83,7 @@ class KubeClient:
                  max_threads: int = DEFAULT_MAX_THREADS) -> None:
         configuration = configuration or load_configuration()
         configuration.connection_pool_maxsize = max_threads
+        configuration.keep_alive = True  # client-go's keepalive timings
         self._api = kubernetes.client.ApiClient(configuration)
         self._core = kubernetes.client.CoreV1Api(self._api)
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kube")
@@ -90,32 +101,58 @@ class KubeClient:
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         def raw() -> Any:
             try:
-                response = fn(*args, _preload_content=False, **kwargs)
+                response = fn(*args, _preload_content=False,
+                              _request_timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS), **kwargs)
             except ApiException as exc:
                 raise _error(exc) from None
+            except urllib3.exceptions.HTTPError as exc:  # timeouts, refused or dropped connections
+                raise KubeApiError(0, type(exc).__name__, str(exc)[:200]) from None
             data = response.data
             return json.loads(data) if data else None
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, raw)
 
-    async def create_if_absent(self, kind: str, namespace: str, body: JSON) -> bool:
-        """Create a Pod or Secret; False if one of that name already exists (a 409 is not an error here)."""
-        create = self._method("create", kind)
+    async def create(self, kind: str, namespace: str, body: JSON) -> JSON | None:
+        """Create a Pod or Secret and return it as stored; None if one of that name already exists (409)."""
         try:
-            await self._call(create, namespace, body)
+            created: JSON = await self._call(self._method("create", kind), namespace, body)
         except KubeApiError as exc:
             if exc.status == 409:
-                return False
+                return None
             raise
-        return True
+        return created
 
-    async def delete_if_present(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a Pod or Secret; False if it was already gone."""
-        delete = self._method("delete", kind)
+    async def get(self, kind: str, namespace: str, name: str) -> JSON | None:
+        """A Pod or Secret; None if there is none of that name."""
         try:
-            await self._call(delete, name, namespace)
+            found: JSON = await self._call(self._method("read", kind), name, namespace)
         except KubeApiError as exc:
             if exc.status == 404:
+                return None
+            raise
+        return found
+
+    async def merge_patch(self, kind: str, namespace: str, name: str, patch: JSON) -> JSON:
+        """JSON-merge-patch a Pod or Secret (no resourceVersion: the patch says exactly what changes)."""
+        patched: JSON = await self._call(self._method("patch", kind), name, namespace, patch, _content_type=MERGE_PATCH)
+        return patched
+
+    async def delete_if_present(self, kind: str, namespace: str, name: str, *, uid: str | None = None,
+                                grace_period_seconds: int | None = None) -> bool:
+        """Delete a Pod or Secret; False if it was already gone.
+
+        ``uid`` deletes only that object (a 409 when the name now belongs to another one, which counts as
+        gone); ``grace_period_seconds=0`` is a force delete, which removes a pod its kubelet never confirms.
+        """
+        options: JSON = {}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
+        if grace_period_seconds is not None:
+            options["gracePeriodSeconds"] = grace_period_seconds
+        try:
+            await self._call(self._method("delete", kind), name, namespace, body=options or None)
+        except KubeApiError as exc:
+            if exc.status == 404 or (exc.status == 409 and uid is not None):
                 return False
             raise
         return True

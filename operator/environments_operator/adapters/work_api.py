@@ -1,10 +1,10 @@
 """The work-queue calls of one WorkerPool, through the official SDK, authenticated by the environment key.
 
-``WorkQueue`` wraps ``AsyncAnthropic().beta.environments.work``: ``poll``, ``ack``, ``stop`` and
-``stats``, the calls that take the environment key. Every failure comes out as a ``WorkApiError``
-naming the route and HTTP status (0 for a connection failure or timeout), whether retrying can
-help, and any ``retry-after`` the server asked for; every failure is also counted in the
-``api_errors`` metric.
+``WorkQueue`` wraps ``AsyncAnthropic().beta.environments.work``: ``poll``, ``ack``, ``stop``,
+``stats`` and ``list`` (as ``state``), the calls that take the environment key. Every failure
+comes out as a ``WorkApiError`` naming the route and HTTP status (0 for a connection failure or
+timeout), whether retrying can help, and any ``retry-after`` the server asked for; every failure is
+also counted in the ``api_errors`` metric.
 
 Retries are narrow and per call, as in the SDK's own poller: ``ack`` and ``stop`` retry transient
 failures a few times with their own attempt counter (both are safe to repeat); ``poll`` and
@@ -38,6 +38,9 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 CALL_ATTEMPTS = 3
 # Never wait longer than this for a retry-after within one call; the dispatch loop backs off further.
 MAX_RETRY_AFTER_SECONDS = 5.0
+# ``state`` looks for an item among the newest this many pages of this many items.
+STATE_SEARCH_PAGES, STATE_SEARCH_PAGE_SIZE = 20, 100
+UNKNOWN_STATE = "unknown"
 
 
 class WorkApiError(Exception):
@@ -150,6 +153,30 @@ class WorkQueue:
                 return False
             raise
         return True
+
+    async def state(self, work_id: str) -> str | None:
+        """The item's state (``queued``, ``starting``, ...); None if the environment has no such item, and
+        ``UNKNOWN_STATE`` if it is not among the newest ``STATE_SEARCH_PAGES`` pages.
+
+        ``work.retrieve`` takes an API key, which a pool does not have; ``work.list`` takes the environment
+        key and lists the newest items first, and the items asked about are recent ones.
+        """
+        from anthropic import omit
+
+        page: str | None = None
+        for _ in range(STATE_SEARCH_PAGES):
+            try:
+                listed = await self._work.list(self.environment_id, limit=STATE_SEARCH_PAGE_SIZE,
+                                               page=page if page else omit)
+            except Exception as exc:
+                raise classify("work.list", exc) from None
+            for item in listed.data:
+                if item.id == work_id:
+                    return str(item.state)
+            page = listed.next_page
+            if not page:
+                return None
+        return UNKNOWN_STATE
 
     async def stats(self) -> QueueStatus:
         try:

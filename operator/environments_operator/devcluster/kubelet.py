@@ -14,6 +14,9 @@ kubelet and the scheduler do) and deletes pods (as a node loss or an eviction wo
     ...
     await kubelet.stop_auto()
 
+A pod with ``spec.schedulingGates`` is never scheduled, so no kubelet runs it: ``run`` refuses a gated
+pod (``GatedPodError``), and the automatic mode starts a pod only once its last gate is removed.
+
 What this module may not do: create or change anything but pods' status, or delete anything but pods.
 """
 
@@ -29,6 +32,14 @@ from environments_operator.devcluster.apimachinery import JSON
 from environments_operator.devcluster.kube import PODS, Kube
 
 PodFilter = Callable[[JSON], bool]
+
+
+class GatedPodError(AssertionError):
+    """A test asked to run a pod that still has scheduling gates: no real kubelet could."""
+
+
+def gated(pod: JSON) -> bool:
+    return bool((pod.get("spec") or {}).get("schedulingGates"))
 
 
 def timestamp_now() -> str:
@@ -66,6 +77,7 @@ class Kubelet:
         self._addresses = itertools.count(2)
         self._auto_task: asyncio.Task[None] | None = None
         self._pod_tasks: set[asyncio.Task[None]] = set()
+        self._adopted: set[str] = set()  # uids the automatic mode took on
 
     def _pod(self, name: str, namespace: str) -> JSON:
         pod = self.kube.get(PODS, name, namespace)
@@ -77,8 +89,11 @@ class Kubelet:
         return self.kube.patch_status(PODS, name, status, namespace)
 
     def run(self, name: str, namespace: str, *, host_ip: str = "10.0.0.1", pod_ip: str | None = None) -> JSON:
-        """Scheduled, containers started and ready: phase Running."""
+        """Scheduled, containers started and ready: phase Running. A gated pod cannot be (``GatedPodError``)."""
         pod, now = self._pod(name, namespace), timestamp_now()
+        if gated(pod):
+            raise GatedPodError(f"pod {namespace}/{name} still has scheduling gates "
+                                f"{[g.get('name') for g in pod['spec']['schedulingGates']]}; it cannot run")
         return self._set_status(name, namespace, {
             "phase": "Running", "hostIP": host_ip,
             "podIP": pod_ip or f"10.244.0.{next(self._addresses) % 250 + 2}",
@@ -170,13 +185,15 @@ class Kubelet:
         for pod in self.kube.list(PODS):
             self._adopt(pod, running_after, finish_after, exit_code, match)
         async for change in changes:
-            if change.type == "ADDED":
+            if change.type in ("ADDED", "MODIFIED"):  # MODIFIED: its last scheduling gate may be gone
                 self._adopt(change.object, running_after, finish_after, exit_code, match)
 
     def _adopt(self, pod: JSON, running_after: float, finish_after: float | None, exit_code: int,
                match: PodFilter | None) -> None:
-        if pod.get("status", {}).get("phase") != "Pending" or (match is not None and not match(pod)):
+        if pod.get("status", {}).get("phase") != "Pending" or gated(pod) or pod["metadata"]["uid"] in self._adopted \
+                or pod["metadata"].get("deletionTimestamp") or (match is not None and not match(pod)):
             return
+        self._adopted.add(pod["metadata"]["uid"])
         task = asyncio.create_task(self._lifecycle(pod["metadata"]["name"], pod["metadata"]["namespace"],
                                                    pod["metadata"]["uid"], running_after, finish_after, exit_code))
         self._pod_tasks.add(task)

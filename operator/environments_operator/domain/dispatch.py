@@ -12,7 +12,7 @@ answer, and only then acts:
   idle pool keeps a single long-poll open. ``after_failed_poll`` says how long a failed poll pauses
   polling and what the pool reports about it.
 - **What are the pods?** ``worker_pod_view`` reads a pod into the few facts that matter;
-  ``earlier_pod_ended`` says whether a claimed item's pod name is taken by a pod that already ended.
+  ``existing_pod_action`` says what a claimed item does with a pod already under its name.
   What happens to a pod over its life (startup timeout, failure, TTL) is ``domain.worker_lifecycle``.
 - **What does the status say?** ``worker_counts``, ``desired_workers`` and ``pool_conditions``.
 
@@ -31,10 +31,12 @@ from pydantic import ValidationError
 from environments_operator.domain.conditions import ConditionDict, set_condition
 from environments_operator.domain.vocabulary import Problem, backoff_seconds, parse_time, validation_message
 from environments_operator.domain.worker_manifests import (
+    ANNOTATION_ENVIRONMENT_ID,
     ANNOTATION_WORK_ID,
     ANNOTATION_WORKER_POOL,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
+    SCHEDULING_GATE,
 )
 from environments_operator.domain.workerpool import WorkerCounts, WorkerPoolSpec
 
@@ -191,13 +193,15 @@ def after_failed_poll(
     retry_after: float | None,
     api_message: str,
     error: str,
+    jitter: float | None = None,
 ) -> PollFailurePlan:
     """Decide on the ``failures``-th failed poll in a row; ``error`` is the failure as one line.
 
     A rejected key or a non-retryable refusal is reported at once; a transient failure only once it
-    has repeated ``POLL_FAILURES_BEFORE_NOT_READY`` times. The pause honours the API's Retry-After.
+    has repeated ``POLL_FAILURES_BEFORE_NOT_READY`` times. The pause honours the API's Retry-After, and
+    is jittered by ``jitter`` (see ``backoff_seconds``).
     """
-    pause = max(backoff_seconds(failures), retry_after or 0.0)
+    pause = max(backoff_seconds(failures, jitter=jitter), retry_after or 0.0)
     blocker: Blocker | None = None
     if credential_rejected:
         blocker = Blocker(ENVIRONMENT_KEY_REJECTED, f"the API rejected the environment key ({status}): {api_message}")
@@ -226,6 +230,25 @@ class WorkerPodView:
     finished_at: datetime | None = None
     # Why it is not running or why it ended, as Kubernetes says it (e.g. "ImagePullBackOff: ...").
     cause: str | None = None
+    uid: str = ""
+    scheduling_gates: tuple[str, ...] = ()
+    # The environment whose item it serves (its annotation); None on pods made before it existed.
+    environment_id: str | None = None
+    # When a deleted pod's grace period ends (its deletionTimestamp): a kubelet that has not removed
+    # it by then is gone with its node, and only a force delete removes it.
+    deletion_deadline: datetime | None = None
+
+    @property
+    def gated(self) -> bool:
+        """Still behind our scheduling gate: its item is not acknowledged yet, so no worker runs in it."""
+        return SCHEDULING_GATE in self.scheduling_gates
+
+    def stuck_terminating(self, now: datetime) -> bool:
+        return self.deletion_deadline is not None and now > self.deletion_deadline
+
+    def holds_slot(self, now: datetime) -> bool:
+        """Whether it takes one of the pool's ``maxWorkers``: unfinished, and not stuck Terminating."""
+        return not self.finished and not self.stuck_terminating(now)
 
     @property
     def finished(self) -> bool:
@@ -278,6 +301,7 @@ def worker_pod_view(pod: Mapping[str, Any]) -> WorkerPodView | None:
     if not work_id or not pool or not metadata.get("name"):
         return None
     status: Mapping[str, Any] = pod.get("status") or {}
+    spec: Mapping[str, Any] = pod.get("spec") or {}
     # A pod the kubelet has not reported on yet has no phase; the apiserver would say Pending.
     phase = str(status.get("phase") or PHASE_PENDING)
     finished_times = [
@@ -296,22 +320,40 @@ def worker_pod_view(pod: Mapping[str, Any]) -> WorkerPodView | None:
         created_at=parse_time(metadata.get("creationTimestamp")),
         finished_at=max(finished_times) if phase in FINISHED_PHASES and finished_times else None,
         cause=_pod_cause(phase, status),
+        uid=str(metadata.get("uid") or ""),
+        scheduling_gates=tuple(str(gate.get("name") or "") for gate in spec.get("schedulingGates") or []
+                               if isinstance(gate, Mapping)),
+        environment_id=annotations.get(ANNOTATION_ENVIRONMENT_ID) or None,
+        deletion_deadline=parse_time(metadata.get("deletionTimestamp")),
     )
 
 
-def unfinished_work_ids(views: Iterable[WorkerPodView]) -> set[str]:
-    return {view.work_id for view in views if not view.finished}
+def unfinished_work_ids(views: Iterable[WorkerPodView], now: datetime) -> set[str]:
+    """The items whose pods take a slot (see ``WorkerPodView.holds_slot``)."""
+    return {view.work_id for view in views if view.holds_slot(now)}
 
 
-def earlier_pod_ended(views: Iterable[WorkerPodView], pod_name: str) -> bool:
-    """Whether the pod already under an item's name has ended (finished, or being deleted).
+ExistingPodAction = Literal["serve", "clear", "leave"]
 
-    Pod names derive from the work ID, so an item that comes back to the queue after its pod ended
-    (its lease was lost) meets that pod when it is dispatched again: the old pod must be cleared away
-    and the item left unacknowledged, to be offered again and get a fresh pod.
+
+def existing_pod_action(view: WorkerPodView) -> ExistingPodAction:
+    """What a claimed item does with the pod already under its name (its creation met AlreadyExists).
+
+    Pod names derive from the work ID, so the item meets its own pod whenever it comes back:
+
+    - ``serve``: the pod is still gated, so no worker ever ran in it (an earlier dispatch stopped before
+      the release); write its Secret, acknowledge, release it.
+    - ``clear``: the pod ended or is being deleted; delete it and leave the item unacknowledged, to be
+      offered again and get a fresh pod.
+    - ``leave``: the pod was released and has not ended: a worker may be serving the item, or will find
+      its lease gone and exit. Neither acknowledge again nor delete; the item comes back until that
+      pod ends, then it gets a fresh pod.
     """
-    view = next((v for v in views if v.name == pod_name), None)
-    return view is not None and (view.finished or view.deleting)
+    if view.finished or view.deleting:
+        return "clear"
+    if view.gated:
+        return "serve"
+    return "leave"
 
 
 # ----- status ---------------------------------------------------------------------------------------
@@ -333,25 +375,24 @@ def desired_workers(*, max_workers: int, active: int, depth: int | None) -> int:
 DispatchFailure = Problem
 
 
-AckFailureAction = Literal["offer_again", "keep_pod", "remove_pod"]
+AckFailureAction = Literal["offer_again", "ask_state", "remove_pod"]
 
 
-def after_failed_ack(*, status: int, retryable: bool, pod_created: bool) -> AckFailureAction:
-    """What to do with an item's pod when its ack failed.
+def after_failed_ack(*, status: int, retryable: bool) -> AckFailureAction:
+    """What to do with an item's pod, still gated, when its ack failed.
 
-    - A transient failure: keep everything; the item is offered again after the reclaim window, meets
-      its pod (AlreadyExists) and is only acknowledged then.
-    - 409, the item is past ``queued``: it was acknowledged already, most likely by our own earlier ack
-      whose answer was lost, and its worker may already hold the lease. Deleting the pod could end a live
-      session; keeping it costs nothing, because a worker whose item another worker holds fails its
-      first heartbeat (412) and exits.
-    - Anything else (the item is gone, the key is refused): a pod created just now serves nothing.
+    - A transient failure: keep the pod; the item is offered again after the reclaim window, meets its
+      gated pod and is acknowledged and released then.
+    - 409, the item is past ``queued``: the ack may have gone through after all (its answer was lost or
+      mangled), or another worker holds the item. Ask the queue for its state and decide as for any
+      unreleased pod (``worker_lifecycle.unreleased_pod_action``): release it if the item waits for a
+      worker (``starting``), else remove it.
+    - Anything else (the item is gone, the key is refused): no worker ever ran in the gated pod, so
+      removing it ends nothing.
     """
     if retryable:
         return "offer_again"
-    if status == 409 or not pod_created:
-        return "keep_pod"
-    return "remove_pod"
+    return "ask_state" if status == 409 else "remove_pod"
 
 
 def dispatch_failure(kind: str, status: int, api_reason: str, api_message: str, work_id: str) -> DispatchFailure:

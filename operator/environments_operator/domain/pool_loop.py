@@ -80,6 +80,7 @@ class NapInputs:
     dispatch_paused_until: float = 0.0
     stop_retry_at: float | None = None  # set only while force-stops are owed
     status_write_due_at: float | None = None  # set only while composed status differs from the written one
+    relist_at: float | None = None  # the next list of the pool's pods
 
 
 def nap_length(inputs: NapInputs) -> float:
@@ -100,4 +101,6 @@ def nap_length(inputs: NapInputs) -> float:
         deadlines.append(max(0.0, inputs.stop_retry_at - now))
     if inputs.status_write_due_at is not None:
         deadlines.append(max(0.0, inputs.status_write_due_at - now))
+    if inputs.relist_at is not None:
+        deadlines.append(max(0.0, inputs.relist_at - now))
     return min(deadlines)

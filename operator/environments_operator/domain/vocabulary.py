@@ -23,13 +23,16 @@ class Problem:
     message: str
 
 
-def backoff_seconds(failures: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+def backoff_seconds(failures: int, *, base: float = 0.5, cap: float = 30.0, jitter: float | None = None) -> float:
     """Exponential backoff after the ``failures``-th failure in a row (1 for the first): base, 2*base, ... cap.
 
     The defaults are the work queue's poll backoff; every other caller names its own base and cap.
+    ``jitter`` (a random number in [0, 1) the caller draws) spreads the pause over its upper half, so
+    that clients which failed together do not retry in lockstep.
     """
     exponent = min(max(0, failures - 1), MAX_BACKOFF_EXPONENT)
-    return float(min(cap, base * 2**exponent))
+    pause = float(min(cap, base * 2**exponent))
+    return pause if jitter is None else pause * (0.5 + 0.5 * jitter)
 
 
 @dataclass(frozen=True)

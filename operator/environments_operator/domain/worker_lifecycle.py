@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from environments_operator.domain.dispatch import PHASE_FAILED, PHASE_PENDING, PHASE_SUCCEEDED, WorkerPodView
 from environments_operator.domain.vocabulary import parse_time
 from environments_operator.domain.worker_manifests import ANNOTATION_WORK_ID, LABEL_WORK_ID, worker_pod_name
+
+# A gated pod whose dispatch is over is looked at after this long, and as often (see ``unreleased_pod_action``).
+UNRELEASED_CHECK_AFTER_SECONDS = 10.0
 
 # A pod vanishes from our view when it is deleted; one we deleted ourselves is not "vanished".
 # Remember such names this long, far beyond the time a watch event needs to arrive.
@@ -52,14 +55,23 @@ class PodMemory:
 class LifecyclePlan:
     """What to do about the pool's pods now, and when to look again."""
 
-    # Pending past the startup timeout: force-stop the item, delete pod and Secret, WorkerStartTimeout.
+    # Released, and Pending past the startup timeout: force-stop the item, then delete pod and Secret,
+    # WorkerStartTimeout. The pod is deleted only once the stop went through: until then it is the
+    # durable record that a stop is owed (a restart finds it timed out again).
     timed_out: tuple[WorkerPodView, ...] = ()
-    # Failed: force-stop the item, report WorkerFailed; the pod stays until its TTL (for its logs).
+    # Failed: force-stop the item, report WorkerFailed; the pod stays until its TTL (for its logs),
+    # and longer if the stop has not gone through yet.
     failed: tuple[WorkerPodView, ...] = ()
     # Gone without finishing, and not deleted by us: force-stop the item, delete its Secret, report.
     vanished: tuple[WorkerPodView, ...] = ()
     # Finished longer than ttlSecondsAfterFinished ago: delete pod and Secret.
     expired: tuple[WorkerPodView, ...] = ()
+    # Still gated, no dispatch of its item in flight, older than UNRELEASED_CHECK_AFTER_SECONDS: a
+    # dispatch stopped between the steps (an operator crash, a failed release). Ask the queue for the
+    # item's state and act as ``unreleased_pod_action`` says.
+    unreleased: tuple[WorkerPodView, ...] = ()
+    # Deleted, and still there after its grace period (its node is gone): force-delete it.
+    stuck_terminating: tuple[WorkerPodView, ...] = ()
     # Seconds until the next startup or TTL deadline; None when no deadline is pending.
     next_check_in: float | None = None
 
@@ -75,11 +87,13 @@ def plan_lifecycle(
     now: datetime,
     startup_timeout_seconds: float,
     ttl_seconds_after_finished: float,
+    in_flight: Set[str] = frozenset(),
 ) -> LifecyclePlan:
     """Decide the lifecycle actions for the pool's pods, and update ``memory`` to the current view.
 
     Each abnormal end is planned once per work ID (``memory.reported``); the caller carries out the
-    plan and records the deletions it makes in ``memory.deleted``.
+    plan and records the deletions it makes in ``memory.deleted``. ``in_flight`` are the work IDs
+    being dispatched right now (their gated pods are that dispatch's business).
     """
     current = {view.name: view for view in views}
     for name in current:
@@ -87,18 +101,33 @@ def plan_lifecycle(
     timed_out: list[WorkerPodView] = []
     failed: list[WorkerPodView] = []
     expired: list[WorkerPodView] = []
+    unreleased: list[WorkerPodView] = []
+    stuck: list[WorkerPodView] = []
     deadlines: list[float] = []
 
     for view in views:
+        if view.deleting:
+            if view.stuck_terminating(now):
+                stuck.append(view)
+            elif view.deletion_deadline is not None:
+                deadlines.append(_seconds(view.deletion_deadline, now) + 0.001)
+            continue
         if view.name in memory.deleted:
             continue
-        if view.phase == PHASE_PENDING and not view.deleting:
+        if view.phase == PHASE_PENDING:
             started = view.created_at or memory.first_seen[view.name]
-            remaining = startup_timeout_seconds - _seconds(now, started)
-            if remaining <= 0 and view.work_id not in memory.reported:
+            age = _seconds(now, started)
+            if view.gated:
+                if view.work_id in in_flight:
+                    continue
+                if age >= UNRELEASED_CHECK_AFTER_SECONDS:
+                    unreleased.append(view)
+                deadlines.append(UNRELEASED_CHECK_AFTER_SECONDS - age if age < UNRELEASED_CHECK_AFTER_SECONDS
+                                 else UNRELEASED_CHECK_AFTER_SECONDS)
+            elif age < startup_timeout_seconds:
+                deadlines.append(startup_timeout_seconds - age)
+            elif view.work_id not in memory.reported:
                 timed_out.append(view)
-            elif remaining > 0:
-                deadlines.append(remaining)
         elif view.finished:
             finished = view.finished_at or memory.finished_seen.setdefault(view.name, now)
             if view.phase == PHASE_FAILED and view.work_id not in memory.reported:
@@ -132,6 +161,8 @@ def plan_lifecycle(
         failed=tuple(failed),
         vanished=tuple(vanished),
         expired=tuple(expired),
+        unreleased=tuple(unreleased),
+        stuck_terminating=tuple(stuck),
         next_check_in=max(0.0, min(deadlines)) if deadlines else None,
     )
 
@@ -180,3 +211,37 @@ def failed_message(view: WorkerPodView) -> str:
 def vanished_message(view: WorkerPodView) -> str:
     return (f"worker pod {view.name} for work item {view.work_id} disappeared before it finished; "
             "the work item is being force-stopped")
+
+
+UnreleasedPodAction = Literal["release", "wait", "delete"]
+
+
+def unreleased_pod_action(item_state: str | None, *, age_seconds: float, startup_timeout_seconds: float
+                          ) -> UnreleasedPodAction:
+    """What to do with a gated pod whose dispatch is over, given its item's state (None: no such item).
+
+    - ``starting``: the ack went through and the release did not (a crash, a failed patch): release it
+      now, or the item waits for a worker that can never start.
+    - ``queued``: never acknowledged; it is served into this pod when it is offered again. Past the
+      startup timeout, delete it (nothing ran in it) and let the item get a fresh pod.
+    - ``unknown`` (not found among the newest items listed): wait; deleting could strand a ``starting`` item.
+    - anything else (held by another worker, stopping, stopped, gone): delete it, there is nothing to stop.
+    """
+    if item_state == "starting":
+        return "release"
+    if item_state == "unknown":
+        return "wait"
+    if item_state == "queued":
+        return "wait" if age_seconds < startup_timeout_seconds else "delete"
+    return "delete"
+
+
+def abandoned_message(view: WorkerPodView, timeout_seconds: float) -> str:
+    return (f"worker pod {view.name} for work item {view.work_id} was never released: its item was not "
+            f"acknowledged within {timeout_seconds:g}s, so no worker ran; the pod is being deleted and the item, "
+            "if still queued, gets a fresh pod")
+
+
+def stuck_terminating_message(view: WorkerPodView) -> str:
+    return (f"worker pod {view.name} for work item {view.work_id} is still Terminating after its grace period "
+            "(its node is gone or unresponsive); force-deleting it")

@@ -38,6 +38,12 @@ MANAGED_BY = "environments-operator"
 ANNOTATION_WORK_ID = "managedagents.dev/work-id"
 ANNOTATION_WORKER_POOL = "managedagents.dev/worker-pool"
 ANNOTATION_SESSION_ID = "managedagents.dev/session-id"
+# The environment whose queue the item came from: force-stops go there even after the pool's
+# environmentId or environmentRef changed.
+ANNOTATION_ENVIRONMENT_ID = "managedagents.dev/environment-id"
+# Every worker pod is created behind this scheduling gate and released only once its item is
+# acknowledged: no worker can start on an item it does not hold (DESIGN.md § "Dispatch must be exactly-once").
+SCHEDULING_GATE = "managedagents.dev/work-acknowledged"
 
 WORK_SECRET_KEY = "work-secret"
 WORKER_CONTAINER_NAME = "worker"
@@ -128,7 +134,7 @@ def contract_labels(pool: PoolIdentity, work_id: str) -> dict[str, str]:
     }
 
 
-def _contract_metadata(name: str, pool: PoolIdentity, work: WorkAssignment) -> JSON:
+def _contract_metadata(name: str, pool: PoolIdentity, work: WorkAssignment, owner: JSON) -> JSON:
     return {
         "name": name,
         "namespace": pool.namespace,
@@ -137,17 +143,24 @@ def _contract_metadata(name: str, pool: PoolIdentity, work: WorkAssignment) -> J
             ANNOTATION_WORK_ID: work.work_id,
             ANNOTATION_WORKER_POOL: pool.name,
             ANNOTATION_SESSION_ID: work.session_id,
+            ANNOTATION_ENVIRONMENT_ID: work.environment_id,
         },
-        "ownerReferences": [_owner_reference(pool)],
+        "ownerReferences": [owner],
     }
 
 
-def build_work_secret(pool: PoolIdentity, work: WorkAssignment) -> JSON:
-    """The per-item Secret: the work item's ``secret`` payload under ``WORK_SECRET_KEY``, immutable."""
+def build_work_secret(pool: PoolIdentity, work: WorkAssignment, *, pod_uid: str) -> JSON:
+    """The per-item Secret: the work item's ``secret`` payload under ``WORK_SECRET_KEY``, immutable.
+
+    It belongs to its pod (owner reference), not to the pool: it goes when the pod goes, and exactly
+    one pool's pod ever uses it. ``pool`` is the pool of that pod.
+    """
+    owner = {"apiVersion": "v1", "kind": "Pod", "name": worker_pod_name(work.work_id), "uid": pod_uid,
+             "controller": True, "blockOwnerDeletion": False}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _contract_metadata(work_secret_name(work.work_id), pool, work),
+        "metadata": _contract_metadata(work_secret_name(work.work_id), pool, work, owner),
         "type": "Opaque",
         "immutable": True,
         "data": {WORK_SECRET_KEY: base64.b64encode(work.secret.encode("utf-8")).decode("ascii")},
@@ -206,11 +219,12 @@ def build_worker_pod(
     Everything else is the template's, with defaults where it is silent: the operator's worker image
     and ``environments-operator worker`` (as ``args`` under the default image's tini entrypoint, else
     as the ``command``), no service account token, and the restricted
-    security context on the pod and on every container.
+    security context on the pod and on every container. The pod is created behind ``SCHEDULING_GATE``
+    (after any gates of the template); ``release_patch`` removes it once the item is acknowledged.
     """
     template_metadata: Mapping[str, Any] = template.get("metadata") or {}
     spec: JSON = copy.deepcopy(dict(template.get("spec") or {}))
-    metadata = _contract_metadata(worker_pod_name(work.work_id), pool, work)
+    metadata = _contract_metadata(worker_pod_name(work.work_id), pool, work, _owner_reference(pool))
     metadata["labels"] = {**dict(template_metadata.get("labels") or {}), **metadata["labels"]}
     metadata["annotations"] = {**dict(template_metadata.get("annotations") or {}), **metadata["annotations"]}
 
@@ -243,4 +257,16 @@ def build_worker_pod(
     spec["restartPolicy"] = "Never"
     spec.setdefault("automountServiceAccountToken", False)
     spec["securityContext"] = _with_defaults(spec.get("securityContext"), _POD_SECURITY_DEFAULTS)
+    spec["schedulingGates"] = [*_other_gates(spec), {"name": SCHEDULING_GATE}]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def _other_gates(spec: Mapping[str, Any]) -> list[JSON]:
+    return [dict(gate) for gate in spec.get("schedulingGates") or [] if gate.get("name") != SCHEDULING_GATE]
+
+
+def release_patch(gates: tuple[str, ...]) -> JSON:
+    """The merge patch that removes our scheduling gate from a pod with ``gates`` and keeps every other
+    (a merge patch replaces a list as a whole)."""
+    others = [{"name": name} for name in gates if name != SCHEDULING_GATE]
+    return {"spec": {"schedulingGates": others or None}}

@@ -27,6 +27,10 @@ PoolMode = Literal["PerWorkItem", "Pool"]
 BLOCK_MS_MIN, BLOCK_MS_MAX = 1, 999
 
 
+# The floor of poll.reclaimOlderThanMs: well above a pod create and an ack on a healthy cluster.
+RECLAIM_MS_MIN = 1000
+
+
 class PollSettings(SpecModel):
     model_config = SpecModel.model_config | {
         "json_schema_extra": cel({
@@ -40,8 +44,10 @@ class PollSettings(SpecModel):
         description="Long-poll duration of each work poll, in milliseconds (1..999).",
     )
     reclaimOlderThanMs: int = Field(
-        default=5000, ge=1, le=3_600_000,
-        description="An item claimed but not acknowledged for this long is offered again (milliseconds).",
+        default=5000, ge=RECLAIM_MS_MIN, le=3_600_000,
+        description=("An item claimed but not acknowledged for this long is offered again (milliseconds). "
+                     f"At least {RECLAIM_MS_MIN}: a shorter window re-offers items whose dispatch is still "
+                     "creating their pod."),
     )
 
 

@@ -28,37 +28,61 @@ from environments_operator.settings import OperatorSettings
 async def end_deleted_pool(*, name: str, namespace: str, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch,
                            memo: Any, logger: Logger, dispatcher: PoolDispatcher | None,
                            environments: kopf.Index[PoolKey, dispatch.EnvironmentEntry]) -> None:
-    """Force-stop the items of unfinished pods and those still owed a force-stop; delete pods and Secrets."""
-    queue = dispatcher.queue if dispatcher is not None else None
-    if queue is None:
-        queue = await _cleanup_queue(spec, namespace, memo, logger, environments)
+    """Force-stop the items of unfinished pods and those still owed a force-stop; delete pods and Secrets.
+
+    Each item is stopped through the environment its pod names (which may not be the pool's any more).
+    Items of pods that are still gated are not stopped: no worker ever ran them, and one still queued
+    is served by another pool, if any.
+    """
+    fallback = dispatcher.queue if dispatcher is not None else None
+    own_fallback = fallback is None
+    if fallback is None:
+        fallback = await _cleanup_queue(spec, namespace, memo, logger, environments)
     kube: KubeClient = memo["kube"]
+
+    def queue_for(environment_id: str | None) -> WorkQueue | None:
+        if dispatcher is not None:
+            found = dispatcher.access.queue_for(environment_id)
+            if found is not None:
+                return found
+        if fallback is not None and environment_id in (None, fallback.environment_id):
+            return fallback
+        return None
+
     try:
         selector = pool_selector(name)
         pods = await kube.list("Pod", namespace, selector)
         views = [view for view in (dispatch.worker_pod_view(pod) for pod in pods) if view is not None]
-        to_stop = {view.work_id for view in views if not view.finished}
-        to_stop |= set(dispatcher.pending_stops) if dispatcher is not None else set()
-        if queue is not None:
-            work_queue = queue
+        to_stop = {view.work_id: view.environment_id for view in views if not view.finished and not view.gated}
+        if dispatcher is not None:
+            to_stop |= {work_id: owed.environment_id for work_id, owed in dispatcher.pending_stops.items()}
+        stopped = 0
 
-            async def stop(work_id: str) -> None:
-                try:
-                    await work_queue.stop(work_id, force=True)
-                except WorkApiError as exc:
-                    logger.warning("force-stopping work item %s failed (its lease will expire): %s", work_id, exc)
+        async def stop(work_id: str, environment_id: str | None) -> None:
+            nonlocal stopped
+            queue = queue_for(environment_id)
+            if queue is None:
+                logger.warning("work item %s cannot be force-stopped: no client for environment %s (its lease "
+                               "will expire)", work_id, environment_id)
+                return
+            try:
+                await queue.stop(work_id, force=True)
+                stopped += 1
+            except WorkApiError as exc:
+                logger.warning("force-stopping work item %s failed (its lease will expire): %s", work_id, exc)
 
-            await asyncio.gather(*(stop(work_id) for work_id in sorted(to_stop)))
-        summary = (f"{len(views)} worker pods removed; "
-                   f"{len(to_stop) if queue is not None else 0} work items force-stopped")
+        await asyncio.gather(*(stop(work_id, env) for work_id, env in sorted(to_stop.items())))
+        summary = f"{len(views)} worker pods removed; {stopped} work items force-stopped"
         logger.info("WorkerPool deleted: %s", summary)
         await asyncio.gather(*(kube.delete_if_present("Pod", namespace, view.name) for view in views))
         secrets = await kube.list("Secret", namespace, selector)
         await asyncio.gather(*(kube.delete_if_present("Secret", namespace, str(secret["metadata"]["name"]))
                                for secret in secrets))
     finally:
-        if queue is not None:
-            await queue.close()
+        if dispatcher is not None:
+            await dispatcher.access.close()
+        if own_fallback and fallback is not None:
+            await fallback.close()
     metrics.forget_pool(namespace, name)
     # Say what happened; this write is also the event on which kopf sees the daemon gone and releases
     # the finalizer at once (it would otherwise wait out the daemon's cancellation backoff).

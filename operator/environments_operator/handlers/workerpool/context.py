@@ -67,17 +67,29 @@ class PoolContext:
         self.dispatching: set[str] = set()  # work ids between claim and the end of their dispatch
         # work id -> when its pod was created, until the pod watch shows that pod
         self.created_unseen: dict[str, float] = {}
+        # Pods the index still holds but a list of the pool's pods no longer has: deleted while the pod
+        # watch was broken (kopf relists without producing deletions). (name, uid) pairs.
+        self.ghosts: set[tuple[str, str]] = set()
+        self.environment_id: str | None = None  # the environment the pool serves now (queue access sets it)
 
     def now(self) -> float:
         return self.loop.time()
 
-    def views(self) -> list[WorkerPodView]:
+    def indexed_views(self) -> list[WorkerPodView]:
+        """The pool's pods as the index holds them, ghosts included."""
         return list(self.pods.get(self.key, []))
+
+    def views(self) -> list[WorkerPodView]:
+        """The pool's pods: the index, less the pods a list showed are gone."""
+        views = self.indexed_views()
+        if not self.ghosts:
+            return views
+        return [view for view in views if (view.name, view.uid) not in self.ghosts]
 
     def namespace_views(self) -> Iterable[WorkerPodView]:
         for (namespace, _pool), store in self.pods.items():
             if namespace == self.namespace:
-                yield from store
+                yield from (view for view in store if (view.name, view.uid) not in self.ghosts)
 
     def occupied(self) -> int:
         now, views = self.now(), self.views()
@@ -85,13 +97,16 @@ class PoolContext:
         for work_id, created_at in list(self.created_unseen.items()):
             if work_id in visible or now - created_at > CREATED_POD_VISIBLE_WITHIN_SECONDS:
                 del self.created_unseen[work_id]
-        return dispatch.occupied_slots(dispatch.unfinished_work_ids(views), self.dispatching | set(self.created_unseen))
+        return dispatch.occupied_slots(dispatch.unfinished_work_ids(views, utcnow()),
+                                       self.dispatching | set(self.created_unseen))
 
     def event(self, type_: str, reason: str, message: str) -> None:
         kopf.event(self.body, type=type_, reason=reason, message=message)
 
-    async def delete_quietly(self, kind: str, name: str) -> None:
+    async def delete_quietly(self, kind: str, name: str, *, uid: str | None = None,
+                             grace_period_seconds: int | None = None) -> None:
         try:
-            await self.kube.delete_if_present(kind, self.namespace, name)
+            await self.kube.delete_if_present(kind, self.namespace, name, uid=uid,
+                                              grace_period_seconds=grace_period_seconds)
         except KubeApiError as exc:
             self.logger.warning("deleting %s %s/%s failed: %s", kind, self.namespace, name, exc)

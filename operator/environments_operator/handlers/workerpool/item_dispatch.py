@@ -1,7 +1,15 @@
-"""Dispatch of one claimed work item: Secret, then Pod, then ack (DESIGN.md § "Dispatch must be exactly-once").
+"""Dispatch of one claimed work item (DESIGN.md § "Dispatch must be exactly-once"): Pod, Secret, ack, release.
 
-Names are deterministic, so AlreadyExists means "already dispatched" and only the ack follows. A refused
-creation is not acknowledged (the item is offered again after the reclaim window), is reported
+1. the Pod, behind the scheduling gate ``SCHEDULING_GATE``: it exists, but no kubelet may start it;
+2. the per-item Secret, owned by that Pod (it goes with the pod, and belongs to exactly one pool);
+3. the ack;
+4. the release: the gate is removed, and only now can the worker start. A worker therefore never runs
+   on an item it does not hold (a slow ack, a lease lost while the pod still looks Running).
+
+Names are deterministic, so a second dispatch of the item meets its pod (AlreadyExists) and decides by
+``domain.dispatch.existing_pod_action``: a gated pod is served (the steps go on from where they
+stopped), a released pod that has not ended is left alone, an ended one is cleared for a fresh pod. A
+refused creation is not acknowledged (the item is offered again after the reclaim window), is reported
 (``DispatchFailing``, an Event) and pauses polling with a backoff.
 
 It owns that backoff (failures in a row, the failure, paused-until) and the time of the last dispatch.
@@ -26,11 +34,12 @@ from environments_operator.domain.pool_loop import (
 )
 from environments_operator.domain.vocabulary import Backoff, backoff_seconds
 from environments_operator.domain.worker_manifests import (
+    ANNOTATION_WORKER_POOL,
+    JSON,
+    PoolIdentity,
     WorkAssignment,
     build_work_secret,
     build_worker_pod,
-    work_secret_name,
-    worker_pod_name,
 )
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
@@ -47,7 +56,7 @@ class ItemDispatcher:
         self.last_dispatch_time = last_dispatch_time
 
     async def dispatch(self, queue: WorkQueue, spec: WorkerPoolSpec, item: ClaimedWork, claimed_at: float) -> None:
-        """Secret, Pod, ack: exactly once per item, even across crashes (see the module docstring)."""
+        """Pod (gated), Secret, ack, release: exactly once per item, even across crashes (see the module docstring)."""
         ctx = self.ctx
         if item.work_type != "session":
             # The SDK's worker acknowledges and stops such items (e.g. health checks) without running
@@ -58,7 +67,7 @@ class ItemDispatcher:
             return
         if not item.secret or not item.session_id:
             message = (f"work item {item.work_id} carries no per-item secret, and worker pods never get the "
-                       "environment key; the item was force-stopped")
+                       "environment key; the item is being force-stopped")
             ctx.logger.warning("%s", message)
             ctx.event("Warning", "WorkItemUnservable", message)
             with contextlib.suppress(WorkApiError):
@@ -66,54 +75,98 @@ class ItemDispatcher:
             return
         work = WorkAssignment(work_id=item.work_id, environment_id=item.environment_id,
                               session_id=item.session_id, secret=item.secret)
-        pod_name = worker_pod_name(item.work_id)
-        kind, secret_created = "Secret", False
+        kind = "Pod"
         try:
-            secret_created = await ctx.kube.create_if_absent("Secret", ctx.namespace,
-                                                             build_work_secret(ctx.identity, work))
-            kind = "Pod"
-            pod_created = await ctx.kube.create_if_absent("Pod", ctx.namespace, build_worker_pod(
-                ctx.identity, work, template=spec.template, default_image=ctx.settings.worker_image,
-                base_url=ctx.settings.worker_base_url, max_idle_seconds=spec.maxIdleSeconds))
+            pod = await self._gated_pod(spec, work)
+            if pod is None:
+                return
+            kind = "Secret"
+            await self._write_secret(pod, work)
         except KubeApiError as exc:
-            if kind == "Pod" and secret_created:
-                await ctx.delete_quietly("Secret", work_secret_name(item.work_id))
+            # Nothing is deleted here: the Secret may be in use by another dispatch of the same item (the
+            # sweep removes orphans), and a gated pod runs nothing (the lifecycle clears it if it stays).
             self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
                                                                 item.work_id))
             return
-        if pod_created:
-            self.lifecycle.memory.forget_pod(pod_name)
-        elif dispatch.earlier_pod_ended(ctx.namespace_views(), pod_name):
-            # Clear the way and leave the item unacknowledged: after the reclaim window it is offered
-            # again and gets a fresh pod.
-            ctx.logger.info("work item %s came back after its pod %s ended; it gets a fresh pod",
-                            item.work_id, pod_name)
-            await self.lifecycle.delete_worker(item.work_id, pod_name)
-            return
         metrics.DISPATCH_LATENCY.labels(stage="pod_created").observe(ctx.now() - claimed_at)
+        view = dispatch.worker_pod_view(pod)
+        assert view is not None  # built with the contract labels
         try:
             await queue.ack(item.work_id)
         except WorkApiError as exc:
-            action = dispatch.after_failed_ack(status=exc.status, retryable=exc.retryable, pod_created=pod_created)
+            action = dispatch.after_failed_ack(status=exc.status, retryable=exc.retryable)
             if action == "offer_again":
                 ctx.logger.warning("acknowledging work item %s failed; it will be offered again: %s",
                                    item.work_id, exc)
-            elif action == "keep_pod":
-                ctx.logger.info("work item %s was not acknowledged now (%s); its pod is kept", item.work_id, exc)
+            elif action == "ask_state":
+                ctx.logger.info("acknowledging work item %s was refused (%s); its state decides", item.work_id, exc)
+                await self.lifecycle.settle_unreleased(view, queue)
             else:
-                ctx.logger.info("work item %s was not acknowledged (%s); its new pod is removed", item.work_id, exc)
-                await self.lifecycle.delete_worker(item.work_id, pod_name)
+                ctx.logger.info("work item %s was not acknowledged (%s); its pod, never released, is removed",
+                                item.work_id, exc)
+                await self.lifecycle.delete_worker(view)
             return
         metrics.DISPATCH_LATENCY.labels(stage="acked").observe(ctx.now() - claimed_at)
+        if not await self.lifecycle.release(view):
+            return
         ctx.logger.info("work item %s of session %s dispatched to pod %s/%s (pool %s)",
-                        item.work_id, item.session_id, ctx.namespace, pod_name, ctx.name)
+                        item.work_id, item.session_id, ctx.namespace, view.name, ctx.name)
         metrics.ITEMS_DISPATCHED.labels(namespace=ctx.namespace, pool=ctx.name).inc()
-        if pod_created:
-            ctx.created_unseen[item.work_id] = ctx.now()
         self.last_dispatch_time = rfc3339(utcnow())
         if self.backoff.attempts:
             self.backoff = self.backoff.succeeded()
             ctx.wake.set()
+
+    async def _gated_pod(self, spec: WorkerPoolSpec, work: WorkAssignment) -> JSON | None:
+        """The item's pod, still gated: created now, or found from an earlier dispatch; None if not to serve now."""
+        ctx = self.ctx
+        manifest = build_worker_pod(ctx.identity, work, template=spec.template, default_image=ctx.settings.worker_image,
+                                    base_url=ctx.settings.worker_base_url, max_idle_seconds=spec.maxIdleSeconds)
+        created = await ctx.kube.create("Pod", ctx.namespace, manifest)
+        if created is not None:
+            self.lifecycle.memory.forget_pod(created["metadata"]["name"])
+            ctx.created_unseen[work.work_id] = ctx.now()
+            return created
+        existing = await ctx.kube.get("Pod", ctx.namespace, manifest["metadata"]["name"])
+        view = dispatch.worker_pod_view(existing) if existing is not None else None
+        if existing is None or view is None:
+            return None  # gone again already, or not ours: offered again, and decided then
+        action = dispatch.existing_pod_action(view)
+        if action == "clear":
+            # Clear the way and leave the item unacknowledged: offered again, it gets a fresh pod.
+            ctx.logger.info("work item %s came back after its pod %s ended; it gets a fresh pod",
+                            work.work_id, view.name)
+            await self.lifecycle.delete_worker(view)
+            return None
+        if action == "leave":
+            ctx.logger.debug("work item %s came back while its released pod %s has not ended; left to it",
+                             work.work_id, view.name)
+            return None
+        return existing
+
+    async def _write_secret(self, pod: JSON, work: WorkAssignment) -> None:
+        """The item's Secret, owned by its pod, holding this delivery's ``secret``.
+
+        An existing Secret with another payload is replaced: the pod is still gated, so nothing has read
+        it, and a re-delivered item's secret is the one the API honours now.
+        """
+        ctx = self.ctx
+        # The pod may be another pool's of this namespace (one environment served by two pools): the Secret
+        # is labelled with the pod's pool, so that pool's cleanup and sweep are the ones that see it.
+        pod_pool = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_WORKER_POOL) or ctx.name
+        owner_pool = PoolIdentity(namespace=ctx.namespace, name=str(pod_pool), uid="")
+        manifest = build_work_secret(owner_pool, work, pod_uid=str(pod["metadata"]["uid"]))
+        if await ctx.kube.create("Secret", ctx.namespace, manifest) is not None:
+            return
+        name = manifest["metadata"]["name"]
+        existing = await ctx.kube.get("Secret", ctx.namespace, name)
+        if existing is not None and existing.get("data") == manifest["data"] and \
+                existing["metadata"].get("ownerReferences") == manifest["metadata"]["ownerReferences"]:
+            return
+        if existing is not None:
+            await ctx.kube.delete_if_present("Secret", ctx.namespace, name, uid=existing["metadata"]["uid"])
+        if await ctx.kube.create("Secret", ctx.namespace, manifest) is None:
+            raise KubeApiError(409, "AlreadyExists", f"the Secret {name} was recreated concurrently")
 
     def _on_dispatch_failure(self, failure: DispatchFailure) -> None:
         ctx = self.ctx

@@ -1,17 +1,19 @@
 """Pod lifecycle of one pool: startup timeout, failed and vanished pods, owed force-stops, TTL, the Secret sweep.
 
 It owns what the pool remembers about its pods (``PodMemory``), the force-stops it still owes the work
-queue, when it must look at the pods again, and when it last swept the per-item Secrets. What to do
+queue (each through the environment its pod's annotation names, which may no longer be the pool's),
+when it must look at the pods again, and when it last swept the per-item Secrets. What to do
 with each pod is decided by ``domain.worker_lifecycle.plan_lifecycle``; this part acts on the plan and reports.
 
-It may not poll, dispatch or write status, and it creates nothing: it only deletes pods and Secrets
-and force-stops items.
+It may not poll, dispatch or write status, and it creates nothing: it only deletes pods and Secrets,
+releases the gate of pods whose item is acknowledged, and force-stops items.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from environments_operator import metrics
@@ -20,91 +22,201 @@ from environments_operator.adapters.work_api import WorkApiError, WorkQueue
 from environments_operator.domain import worker_lifecycle
 from environments_operator.domain.dispatch import WorkerPodView
 from environments_operator.domain.pool_loop import STOP_RETRY_SECONDS
-from environments_operator.domain.vocabulary import Backoff
-from environments_operator.domain.worker_lifecycle import PodMemory
-from environments_operator.domain.worker_manifests import pool_selector, work_secret_name
+from environments_operator.domain.vocabulary import Backoff, backoff_seconds
+from environments_operator.domain.worker_lifecycle import UNRELEASED_CHECK_AFTER_SECONDS, PodMemory
+from environments_operator.domain.worker_manifests import pool_selector, release_patch, work_secret_name
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
+
+# Removing the gate is one small patch; a few quick tries ride out a blip before a later pass retries.
+RELEASE_ATTEMPTS = 3
 
 # Per-item Secrets normally go with their pods; the sweep only catches those a crash left behind.
 SECRET_SWEEP_INTERVAL_SECONDS = 300.0
 ORPHAN_SECRET_GRACE_SECONDS = 60.0
 
 
+@dataclass(frozen=True)
+class OwedStop:
+    """A force-stop the pool owes the work queue: why, through which environment, and what waits for it."""
+
+    reason: str
+    environment_id: str | None
+    # The pod to delete once the stop went through (a timed-out pod is the durable record of its debt).
+    then_delete: WorkerPodView | None = None
+
+
 class WorkerLifecycle:
     """Acts on the pool's pods as ``plan_lifecycle`` says, and owes the work queue a force-stop per abnormal end."""
 
-    def __init__(self, ctx: PoolContext, *, queue: Callable[[], WorkQueue | None]) -> None:
+    def __init__(self, ctx: PoolContext, *, queue_for: Callable[[str | None], WorkQueue | None]) -> None:
         self.ctx = ctx
-        self.queue = queue
+        self.queue_for = queue_for
         self.memory = PodMemory()
-        self.pending_stops: dict[str, str] = {}  # work id -> why it must be stopped
+        self.pending_stops: dict[str, OwedStop] = {}  # work id -> the stop owed
         # Owed force-stops are retried on a fixed beat (STOP_RETRY_SECONDS); attempts counts the failed rounds.
         self.stop_backoff = Backoff()
         self.next_lifecycle_check: float | None = None
         self.next_sweep_at = 0.0
+        self.next_relist_at = 0.0
+        self.force_deleted: set[str] = set()  # uids of pods force-deleted (reported once)
+        self.unreleased_checked_at: dict[str, float] = {}  # pod uid -> when its item's state was last read
 
     async def act(self, views: list[WorkerPodView]) -> None:
-        spec = self.ctx.spec
+        ctx = self.ctx
+        spec = ctx.spec
         startup_timeout = spec.startupTimeoutSeconds if spec else WorkerPoolSpec.model_fields[
             "startupTimeoutSeconds"].default
         ttl = spec.ttlSecondsAfterFinished if spec else WorkerPoolSpec.model_fields["ttlSecondsAfterFinished"].default
-        plan = worker_lifecycle.plan_lifecycle(views, self.memory, now=utcnow(),
+        plan = worker_lifecycle.plan_lifecycle(views, self.memory, now=utcnow(), in_flight=set(ctx.dispatching),
                                                startup_timeout_seconds=startup_timeout, ttl_seconds_after_finished=ttl)
         self.next_lifecycle_check = plan.next_check_in
         actions: list[Coroutine[Any, Any, None]] = []
         for view in plan.timed_out:
             message = worker_lifecycle.start_timeout_message(view, startup_timeout)
-            self._report_and_owe_stop(view, "WorkerStartTimeout", message)
-            actions.append(self.delete_worker(view.work_id, view.name))
+            self._report_and_owe_stop(view, "WorkerStartTimeout", message, then_delete=True)
         for view in plan.failed:
             self._report_and_owe_stop(view, "WorkerFailed", worker_lifecycle.failed_message(view))
         for view in plan.vanished:
             self._report_and_owe_stop(view, "WorkerVanished", worker_lifecycle.vanished_message(view))
-            actions.append(self.ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
+            actions.append(ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
         for view in plan.expired:
-            actions.append(self.delete_worker(view.work_id, view.name))
-        if self.pending_stops and self.ctx.now() >= self.stop_backoff.paused_until:
+            if view.work_id not in self.pending_stops:  # a failed pod stays until its item is stopped
+                actions.append(self.delete_worker(view))
+        now = ctx.now()
+        for view in plan.unreleased:
+            if now - self.unreleased_checked_at.get(view.uid, -UNRELEASED_CHECK_AFTER_SECONDS) \
+                    >= UNRELEASED_CHECK_AFTER_SECONDS:
+                self.unreleased_checked_at[view.uid] = now
+                actions.append(self.settle_unreleased(view))
+        live = {view.uid for view in views}
+        self.unreleased_checked_at = {uid: at for uid, at in self.unreleased_checked_at.items() if uid in live}
+        for view in plan.stuck_terminating:
+            if view.uid not in self.force_deleted:
+                self.force_deleted.add(view.uid)
+                self._report(view, "WorkerForceDeleted", worker_lifecycle.stuck_terminating_message(view))
+            actions.append(ctx.delete_quietly("Pod", view.name, uid=view.uid, grace_period_seconds=0))
+        self.force_deleted &= {view.uid for view in views}
+        if self.pending_stops and ctx.now() >= self.stop_backoff.paused_until:
             actions.append(self._stop_pending())
         if actions:
             await asyncio.gather(*actions)
 
-    def _report_and_owe_stop(self, view: WorkerPodView, reason: str, message: str) -> None:
-        """An abnormal end: the item must be stopped (no session left hanging), and people must know."""
+    async def settle_unreleased(self, view: WorkerPodView, queue: WorkQueue | None = None) -> None:
+        """A gated pod whose dispatch is over: release it, wait, or delete it, as its item's state says."""
+        spec = self.ctx.spec
+        startup_timeout = spec.startupTimeoutSeconds if spec else WorkerPoolSpec.model_fields[
+            "startupTimeoutSeconds"].default
+        queue = queue or self.queue_for(view.environment_id)
+        if queue is None:
+            return
+        try:
+            state = await queue.state(view.work_id)
+        except WorkApiError as exc:
+            self.ctx.logger.debug("reading the state of work item %s failed: %s", view.work_id, exc)
+            return
+        age = (utcnow() - view.created_at).total_seconds() if view.created_at else 0.0
+        action = worker_lifecycle.unreleased_pod_action(state, age_seconds=age, startup_timeout_seconds=startup_timeout)
+        if action == "release":
+            self.ctx.logger.info("work item %s is acknowledged but its pod %s was never released; releasing it",
+                                 view.work_id, view.name)
+            await self.release(view)
+        elif action == "delete":
+            if state == "queued":
+                self._report(view, "WorkerNeverReleased", worker_lifecycle.abandoned_message(view, startup_timeout))
+            else:
+                self.ctx.logger.info("deleting gated pod %s: its work item %s is %s", view.name, view.work_id,
+                                     state or "gone")
+            await self.delete_worker(view)
+
+    async def release(self, view: WorkerPodView) -> bool:
+        """Remove our scheduling gate from an acknowledged item's pod: from here its worker may start."""
         ctx = self.ctx
-        self.pending_stops[view.work_id] = reason
+        pod_name = view.name
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
+                await ctx.kube.merge_patch("Pod", ctx.namespace, pod_name, release_patch(view.scheduling_gates))
+                return True
+            except KubeApiError as exc:
+                if exc.status == 404:
+                    return False
+                if attempt == RELEASE_ATTEMPTS:
+                    # The item is acknowledged and its pod gated: ``settle_unreleased`` releases it later.
+                    ctx.logger.warning("releasing pod %s/%s failed; retried later: %s", ctx.namespace, pod_name, exc)
+                    return False
+                await asyncio.sleep(backoff_seconds(attempt, base=0.2, cap=2.0))
+        return False
+
+    def _report(self, view: WorkerPodView, reason: str, message: str) -> None:
+        ctx = self.ctx
         ctx.logger.warning("%s", message)
         ctx.event("Warning", reason, message)
         metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason=reason).inc()
 
-    async def _stop_pending(self) -> None:
-        queue = self.queue()
-        if queue is None:
-            self.stop_backoff = self.stop_backoff.failed(pause_until=self.ctx.now() + STOP_RETRY_SECONDS, problem=None)
-            return
+    def _report_and_owe_stop(self, view: WorkerPodView, reason: str, message: str, *,
+                             then_delete: bool = False) -> None:
+        """An abnormal end: the item must be stopped (no session left hanging), and people must know."""
+        self.pending_stops[view.work_id] = OwedStop(reason, view.environment_id or self.ctx.environment_id,
+                                                    view if then_delete else None)
+        self._report(view, reason, message)
 
-        async def stop(work_id: str) -> bool:
+    async def _stop_pending(self) -> None:
+        async def stop(work_id: str, owed: OwedStop) -> bool:
+            queue = self.queue_for(owed.environment_id)
+            if queue is None:
+                return False
             try:
-                await queue.stop(work_id, force=True)
+                await queue.stop(work_id, force=True)  # 404 and 409 (gone, already stopped) count as done
             except WorkApiError as exc:
                 self.ctx.logger.warning("force-stopping work item %s failed, will retry: %s", work_id, exc)
                 return False
+            if owed.then_delete is not None:
+                await self.delete_worker(owed.then_delete)
             return True
 
-        work_ids = list(self.pending_stops)
-        results = await asyncio.gather(*(stop(work_id) for work_id in work_ids))
-        for work_id, done in zip(work_ids, results, strict=True):
-            if done:
-                self.pending_stops.pop(work_id, None)
+        owed = dict(self.pending_stops)
+        results = await asyncio.gather(*(stop(work_id, debt) for work_id, debt in owed.items()))
+        for work_id, done in zip(owed, results, strict=True):
+            if done and self.pending_stops.get(work_id) is owed[work_id]:
+                del self.pending_stops[work_id]
         if self.pending_stops:
             self.stop_backoff = self.stop_backoff.failed(pause_until=self.ctx.now() + STOP_RETRY_SECONDS, problem=None)
         else:
             self.stop_backoff = Backoff()
 
-    async def delete_worker(self, work_id: str, pod_name: str) -> None:
-        self.memory.deleted[pod_name] = utcnow()
-        await self.ctx.delete_quietly("Pod", pod_name)
-        await self.ctx.delete_quietly("Secret", work_secret_name(work_id))
+    async def delete_worker(self, view: WorkerPodView) -> None:
+        """Delete this pod (only this one: a newer pod of the same name is left alone) and its Secret."""
+        self.memory.deleted[view.name] = utcnow()
+        await self.ctx.delete_quietly("Pod", view.name, uid=view.uid or None)
+        await self.ctx.delete_quietly("Secret", work_secret_name(view.work_id))
+
+    async def relist_pods(self, now: float) -> None:
+        """List the pool's pods now and then: an indexed pod the list lacks was deleted unseen.
+
+        kopf removes an index entry only on a DELETED event; a watch that resumes with 410 Gone (or after
+        a peering pause) relists without producing any, so without this such a pod would hold its slot,
+        and its item and Secret, until a restart.
+        """
+        ctx = self.ctx
+        if now < self.next_relist_at:
+            return
+        self.next_relist_at = now + ctx.settings.pod_relist_seconds
+        indexed = {(view.name, view.uid) for view in ctx.indexed_views()}
+        try:
+            pods = await ctx.kube.list("Pod", ctx.namespace, pool_selector(ctx.name))
+        except KubeApiError as exc:
+            ctx.logger.warning("listing the pool's pods failed: %s", exc)
+            return
+        listed = {(str(pod["metadata"]["name"]), str(pod["metadata"].get("uid") or "")) for pod in pods}
+        still_indexed = {(view.name, view.uid) for view in ctx.indexed_views()}
+        # Only pods indexed before the list began can be judged by it; one that left the index is no ghost.
+        ghosts = (indexed - listed) & still_indexed
+        new = ghosts - ctx.ghosts
+        if new:
+            ctx.logger.warning("%d worker pods are gone though the pod watch never said so (e.g. a watch "
+                               "resumed with 410 Gone); treating them as deleted: %s", len(new),
+                               ", ".join(sorted(name for name, _uid in new)))
+        ctx.ghosts = (ctx.ghosts & still_indexed) | ghosts
 
     async def sweep_secrets(self, now: float) -> None:
         ctx = self.ctx

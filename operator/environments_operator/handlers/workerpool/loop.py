@@ -36,7 +36,7 @@ from environments_operator.domain.workerpool import PLURAL as WORKER_POOLS
 from environments_operator.domain.workerpool import QueueStatus, WorkerPoolSpec, WorkerPoolStatus
 from environments_operator.handlers.workerpool.context import Logger, PoolContext, PoolKey, pool_wakers, utcnow
 from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
-from environments_operator.handlers.workerpool.lifecycle import WorkerLifecycle
+from environments_operator.handlers.workerpool.lifecycle import OwedStop, WorkerLifecycle
 from environments_operator.handlers.workerpool.pollers import PollerGroup
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
 from environments_operator.settings import OperatorSettings
@@ -56,7 +56,7 @@ class PoolDispatcher:
         self.ctx = ctx = PoolContext(body=body, logger=logger, kube=kube, settings=settings, pods=pods)
         self.wakers = pool_wakers(memo)
         self.access = QueueAccess(ctx, environments=environments, before_replacing=self._before_replacing_queue)
-        self.lifecycle = WorkerLifecycle(ctx, queue=lambda: self.access.queue)
+        self.lifecycle = WorkerLifecycle(ctx, queue_for=self.access.queue_for)
         status = body.get("status") or {}
         self.items = ItemDispatcher(ctx, self.lifecycle, last_dispatch_time=status.get("lastDispatchTime"))
         self.pollers = PollerGroup(ctx, self.access, self.items)
@@ -66,6 +66,7 @@ class PoolDispatcher:
         self.conditions: list[dict[str, Any]] | None = status.get("conditions")
         self.composed_status: dict[str, Any] | None = None
         self.written_status: dict[str, Any] | None = None
+        self.status_keys: set[str] = set(status)  # the fields the stored status has
         self.status_written_at = 0.0
 
     @property
@@ -73,7 +74,7 @@ class PoolDispatcher:
         return self.access.queue
 
     @property
-    def pending_stops(self) -> dict[str, str]:
+    def pending_stops(self) -> dict[str, OwedStop]:
         return self.lifecycle.pending_stops
 
     async def _before_replacing_queue(self) -> None:
@@ -131,11 +132,16 @@ class PoolDispatcher:
             if previous is None or previous.reason != ctx.blocker.reason:
                 ctx.logger.warning("WorkerPool cannot dispatch: %s", ctx.blocker.message)
             self.pollers.cancel_polls()
+        await self.lifecycle.relist_pods(now)
         views = ctx.views()
         await self.lifecycle.act(views)
         if ctx.spec is not None and ctx.blocker is None:
             await self.lifecycle.sweep_secrets(now)
             self.pollers.ensure_poller()
+        await self.access.close_unused(
+            in_use=self.pollers.queues_in_use(),
+            environments_needed={v.environment_id for v in views if v.environment_id} | {
+                stop.environment_id for stop in self.lifecycle.pending_stops.values() if stop.environment_id})
         await self._refresh_stats(now)
         await self._write_status(views, now)
         return self._nap_length(now)
@@ -151,6 +157,7 @@ class PoolDispatcher:
             poll_paused_until=self.pollers.backoff.paused_until,
             dispatch_paused_until=self.items.backoff.paused_until,
             stop_retry_at=self.lifecycle.stop_backoff.paused_until if self.lifecycle.pending_stops else None,
+            relist_at=self.lifecycle.next_relist_at,
             status_write_due_at=self.status_written_at + STATUS_MIN_INTERVAL_SECONDS if self._status_dirty else None,
         ))
 
@@ -185,7 +192,7 @@ class PoolDispatcher:
         spec = ctx.spec
         max_workers = spec.maxWorkers if spec else WorkerPoolSpec.model_fields["maxWorkers"].default
         counts = dispatch.worker_counts(views)
-        active = len(dispatch.unfinished_work_ids(views))
+        active = len(dispatch.unfinished_work_ids(views, utcnow()))
         for phase, count in counts.model_dump().items():
             metrics.WORKER_PODS.labels(namespace=ctx.namespace, pool=ctx.name, phase=phase).set(count)
         depth = self.queue_status.depth if self.queue_status else None
@@ -212,13 +219,17 @@ class PoolDispatcher:
         if not self._status_dirty or now - self.status_written_at < STATUS_MIN_INTERVAL_SECONDS:
             return
         status = self.composed_status
+        # A merge patch keeps what it does not name: a field that no longer applies (environmentId under
+        # EnvironmentNotFound, queue figures of a queue no longer read) is cleared by naming it null.
+        patch = {**dict.fromkeys(self.status_keys - status.keys()), **status}
         try:
-            await ctx.kube.patch_custom_status(GROUP, VERSION, WORKER_POOLS, ctx.namespace, ctx.name, status)
+            await ctx.kube.patch_custom_status(GROUP, VERSION, WORKER_POOLS, ctx.namespace, ctx.name, patch)
         except KubeApiError as exc:
             if exc.status != 404:  # a deleted pool needs no status
                 ctx.logger.warning("writing WorkerPool status failed: %s", exc)
             return
         self.written_status = status
+        self.status_keys = set(status)
         self.status_written_at = now
 
     # ----- shutdown ---------------------------------------------------------------------------------
@@ -230,8 +241,7 @@ class PoolDispatcher:
         """
         self.ctx.stopping = True
         with contextlib.suppress(Exception):
-            await self.pollers.stop()
-        queue = self.access.queue
-        if not deleted and queue is not None:
+            await self.pollers.stop(drain_dispatches=True)
+        if not deleted:
             with contextlib.suppress(Exception):
-                await queue.close()
+                await self.access.close()

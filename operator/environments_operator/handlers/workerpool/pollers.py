@@ -2,9 +2,13 @@
 
 One long-poll runs when the pool is idle; each claim starts one more poller while capacity is left (so
 a burst is served by pipelined pollers); an empty poll retires all but one. Whether a poll may start,
-grow or retire is a ``domain.dispatch`` decision; each claimed item goes to the item dispatcher.
+grow or retire is a ``domain.dispatch`` decision. Each claimed item goes to the item dispatcher in a
+task of its own, and its poller polls again at once: a slow or hung Kubernetes call holds up that one
+item, never the pool's polling. An item claimed again while its dispatch is still running (the reclaim
+window ran out under a slow call) is left to that dispatch.
 
-It owns the poller tasks, the subset of them inside a poll request, and the backoff of failed polls.
+It owns the poller tasks, the subset of them inside a poll request, the dispatch tasks (each with the
+client its item came through), and the backoff of failed polls.
 It may not create pods or Secrets, nor read the environment key: a rejected key is reported to the
 queue access part, which re-reads it.
 """
@@ -12,11 +16,13 @@ queue access part, which re-reads it.
 from __future__ import annotations
 
 import asyncio
+import random
 
-from environments_operator.adapters.work_api import WorkApiError
+from environments_operator.adapters.work_api import ClaimedWork, WorkApiError, WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.pool_loop import POLLER_CRASH_PAUSE_SECONDS, may_poll
 from environments_operator.domain.vocabulary import Backoff
+from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext
 from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
@@ -34,7 +40,11 @@ class PollerGroup:
         self.items = items
         self.pollers: set[asyncio.Task[None]] = set()
         self.polls_in_flight: set[asyncio.Task[None]] = set()  # the pollers inside a poll request right now
+        self.dispatches: dict[asyncio.Task[None], WorkQueue] = {}  # one per claimed item, until it ends
         self.backoff = Backoff()  # of failed polls; its problem is what Ready reports meanwhile
+
+    def queues_in_use(self) -> set[int]:
+        return {id(queue) for queue in self.dispatches.values()}
 
     def reset_backoff(self) -> None:
         self.backoff = Backoff()
@@ -61,10 +71,12 @@ class PollerGroup:
         for task in list(self.polls_in_flight):
             task.cancel()
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain_dispatches: bool = False) -> None:
+        """End the pollers; with ``drain_dispatches`` (shutdown) the dispatches too, after a grace."""
         self.cancel_polls()
-        if self.pollers:
-            _, pending = await asyncio.wait(set(self.pollers), timeout=DISPATCH_DRAIN_SECONDS)
+        tasks = set(self.pollers) | (set(self.dispatches) if drain_dispatches else set())
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=DISPATCH_DRAIN_SECONDS)
             for task in pending:
                 task.cancel()
             if pending:
@@ -95,16 +107,14 @@ class PollerGroup:
                         self.pollers.discard(task)  # at once, so that a sibling's check sees one fewer
                         return
                     continue
-                ctx.dispatching.add(item.work_id)
-                try:
-                    if ctx.stopping:
-                        return  # not acknowledged: offered again after the reclaim window
-                    if dispatch.should_add_poller(max_workers=spec.maxWorkers, occupied=ctx.occupied(),
-                                                  polling=len(self.polls_in_flight), pollers=len(self.pollers)):
-                        self._start_poller()
-                    await self.items.dispatch(queue, spec, item, claimed_at)
-                finally:
-                    ctx.dispatching.discard(item.work_id)
+                if item.work_id in ctx.dispatching:
+                    continue  # claimed again while its dispatch is still at work: that dispatch acks it
+                if ctx.stopping:
+                    return  # not acknowledged: offered again after the reclaim window
+                if dispatch.should_add_poller(max_workers=spec.maxWorkers, occupied=ctx.occupied() + 1,
+                                              polling=len(self.polls_in_flight), pollers=len(self.pollers)):
+                    self._start_poller()
+                self._start_dispatch(queue, spec, item, claimed_at)
         except Exception:
             # A bug must not silently shrink the pollers: say so, pause, and let the loop start afresh.
             # The item in hand, if any, was not acknowledged and is offered again after the reclaim window.
@@ -112,6 +122,28 @@ class PollerGroup:
             self.backoff = self.backoff.paused_at_least_until(ctx.now() + POLLER_CRASH_PAUSE_SECONDS)
         finally:
             self.pollers.discard(task)
+            ctx.wake.set()
+
+    def _start_dispatch(self, queue: WorkQueue, spec: WorkerPoolSpec, item: ClaimedWork, claimed_at: float) -> None:
+        ctx = self.ctx
+        ctx.dispatching.add(item.work_id)
+        task = asyncio.create_task(self._dispatch(queue, spec, item, claimed_at),
+                                   name=f"workerpool-dispatch-{ctx.namespace}/{ctx.name}/{item.work_id}")
+        self.dispatches[task] = queue
+
+    async def _dispatch(self, queue: WorkQueue, spec: WorkerPoolSpec, item: ClaimedWork, claimed_at: float) -> None:
+        ctx = self.ctx
+        try:
+            await self.items.dispatch(queue, spec, item, claimed_at)
+        except Exception:
+            # The item was not acknowledged, or its pod not released: it comes back (after the reclaim
+            # window, or when the lifecycle finds its gated pod), and is decided afresh.
+            ctx.logger.exception("dispatching work item %s failed", item.work_id)
+        finally:
+            ctx.dispatching.discard(item.work_id)
+            task = asyncio.current_task()
+            if task is not None:
+                self.dispatches.pop(task, None)
             ctx.wake.set()
 
     def _on_poll_success(self) -> None:
@@ -124,7 +156,7 @@ class PollerGroup:
         plan = dispatch.after_failed_poll(
             failures=failures, status=exc.status, retryable=exc.retryable,
             credential_rejected=exc.credential_rejected, retry_after=exc.retry_after, api_message=exc.message,
-            error=str(exc))
+            error=str(exc), jitter=random.random())  # noqa: S311 (spreading retries, not a secret)
         self.backoff = self.backoff.failed(pause_until=self.ctx.now() + plan.pause_seconds, problem=plan.blocker)
         if plan.reread_key:
             self.access.reread_key()

@@ -4,6 +4,12 @@ It owns the environment id, the client, when the key was last read, and the back
 reads. The environment key is read into the ``WorkQueue`` client and nowhere else: it is never logged,
 never put in an Event, a status, a pod or a Secret.
 
+It also keeps the clients the pool no longer polls with, as long as something needs them: a client
+replaced by a key rotation until the dispatches that hold it end, and the client of an environment
+the pool served before its ``environmentId``/``environmentRef`` changed, while pods of that
+environment remain or stops are owed there. A pod whose environment has no client left (after a
+restart) is stopped through the operator's API key, if it has one.
+
 It may not poll, dispatch or write status; when it replaces the client it asks its caller (the loop)
 to stop the pollers first.
 """
@@ -38,6 +44,36 @@ class QueueAccess:
         self._queue_credentials: tuple[str, str] | None = None  # (environment id, key); never logged
         self._key_read_at: float | None = None
         self.key_backoff = Backoff()  # of failed key reads; paused_until is when the Secret is read again
+        self.retired: dict[str, WorkQueue] = {}  # environment id -> a client of an environment no longer served
+        self.draining: list[WorkQueue] = []  # replaced clients of the current environment, until unused
+
+    def queue_for(self, environment_id: str | None) -> WorkQueue | None:
+        """The client that reaches the queue of ``environment_id`` (None: the one served now)."""
+        if environment_id is None or (self.queue is not None and self.queue.environment_id == environment_id):
+            return self.queue
+        retired = self.retired.get(environment_id)
+        if retired is None and self.ctx.settings.api_key:
+            retired = self.retired[environment_id] = self._client(environment_id, self.ctx.settings.api_key)
+        return retired
+
+    async def close_unused(self, *, in_use: set[int], environments_needed: set[str]) -> None:
+        """Close retired clients that no dispatch holds (``in_use``: their ``id()``) and no pod or stop needs."""
+        for queue in [q for q in self.draining if id(q) not in in_use]:
+            self.draining.remove(queue)
+            await queue.close()
+        for environment_id, queue in list(self.retired.items()):
+            if environment_id not in environments_needed and id(queue) not in in_use:
+                del self.retired[environment_id]
+                await queue.close()
+
+    async def close(self) -> None:
+        for queue in [*self.draining, *self.retired.values(), *([self.queue] if self.queue else [])]:
+            await queue.close()
+        self.draining, self.retired, self.queue = [], {}, None
+
+    def _client(self, environment_id: str, key: str) -> WorkQueue:
+        return WorkQueue(environment_id=environment_id, environment_key=key, base_url=self.ctx.settings.base_url,
+                         worker_id=f"environments-operator/{self.ctx.namespace}/{self.ctx.name}")
 
     def reread_key(self) -> None:
         """The API rejected the key: read it again on the next pass."""
@@ -48,8 +84,10 @@ class QueueAccess:
         ctx = self.ctx
         resolved = dispatch.resolve_environment(spec, ctx.namespace, self.environments)
         if isinstance(resolved, Blocker):
+            # Say no environment rather than a stale one; the client stays, for the pods it dispatched.
+            self.environment_id = ctx.environment_id = None
             return resolved
-        self.environment_id = resolved
+        self.environment_id = ctx.environment_id = resolved
         key_is_current = (
             self.queue is not None and self._queue_credentials is not None
             and self._queue_credentials[0] == resolved
@@ -73,10 +111,19 @@ class QueueAccess:
 
     async def _replace_queue(self, environment_id: str, key: str) -> None:
         await self.before_replacing()
-        if self.queue is not None:
-            await self.queue.close()
-        self.queue = WorkQueue(environment_id=environment_id, environment_key=key, base_url=self.ctx.settings.base_url,
-                               worker_id=f"environments-operator/{self.ctx.namespace}/{self.ctx.name}")
+        old = self.queue
+        if old is not None:
+            if old.environment_id == environment_id:
+                self.draining.append(old)
+            else:
+                previous = self.retired.pop(old.environment_id, None)
+                if previous is not None:
+                    self.draining.append(previous)
+                self.retired[old.environment_id] = old
+        stale = self.retired.pop(environment_id, None)  # served again: the new client takes over
+        if stale is not None:
+            self.draining.append(stale)
+        self.queue = self._client(environment_id, key)
         self._queue_credentials = (environment_id, key)
 
 

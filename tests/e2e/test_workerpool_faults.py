@@ -1,0 +1,269 @@
+"""WorkerPool under the faults a real cluster produces (issue "seven ways a session hangs or an item is lost").
+
+Each test reproduces one fault with the harness (the emulator's fault rules, the fake apiserver's held calls,
+the kubelet) against the shipped operator, and names the defect it guards against. Every one of them failed
+before the fix it names; each says how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from environments_operator.devcluster.kube import PODS, SECRETS, WORKERPOOLS
+from environments_operator.devcluster.process_kubelet import ProcessKubelet
+from environments_operator.domain.worker_manifests import SCHEDULING_GATE
+from tests.e2e.conftest import WORKER_IMAGE, WorkerPoolWorld
+from tests.harness.emulator import api_client, self_hosted_environment
+from tests.harness.sessions import results_by_tool_use, scripted_agent, session_events
+
+pytestmark = pytest.mark.timeout(120)
+
+SCRIPT = [{"tool": "bash", "input": {"command": "echo served"}}]
+
+
+@pytest.fixture
+async def process_kubelet(workerpool_world: WorkerPoolWorld, tmp_path: Path) -> AsyncIterator[ProcessKubelet]:
+    kubelet = ProcessKubelet(workerpool_world.kube, images={WORKER_IMAGE}, root=tmp_path / "node")
+    kubelet.start()
+    try:
+        yield kubelet
+    finally:
+        await kubelet.stop()
+
+
+def gated(pod: dict | None) -> bool:  # type: ignore[type-arg]
+    return pod is not None and any(g.get("name") == SCHEDULING_GATE for g in pod["spec"].get("schedulingGates") or [])
+
+
+async def wait_released(world: WorkerPoolWorld, work_id: str) -> dict:  # type: ignore[type-arg]
+    pod = await world.kube.wait_until(lambda: (p := world.pod_for(work_id)) is not None and not gated(p) and p,
+                                      message=f"the pod of {work_id} released")
+    assert isinstance(pod, dict)
+    return pod
+
+
+# ----- 1. a pod can run before its item is acked ------------------------------------------------------------
+
+
+async def test_a_slow_ack_does_not_let_the_worker_start_on_an_item_it_does_not_hold(
+        workerpool_world: WorkerPoolWorld, process_kubelet: ProcessKubelet) -> None:
+    """The ack waits out two 429s of 4 s each, longer than the worker takes to start and heartbeat. Before the
+    scheduling gate the worker's first heartbeat met a still-queued item (412), the SDK released the item
+    without stopping it, the pod exited 0, and the session hung."""
+    world = workerpool_world
+    world.emulator.faults.add({"faults": [
+        {"route": "work.ack", "effect": "error", "status": 429, "retry_after_ms": 4000, "times": 2}]})
+    async with api_client(world.emulator) as api:
+        agent = await scripted_agent(api, SCRIPT, reply="done")
+        session = await api.beta.sessions.create(agent=agent, environment_id=world.environment.id)
+        world.create_pool(maxIdleSeconds=0)
+        (item,) = [i for i in world.emulator.state.work.values() if i.session_id == session.id]
+        pod = await world.kube.wait_until(lambda: world.pod_for(item.id), message="the item's pod")
+        assert pod is not None and gated(pod)  # created before the ack, behind the gate
+        await world.kube.wait_until(lambda: world.work_state(item.id) == "stopped", timeout=60,
+                                    message=lambda: f"the item served and stopped ({world.work_state(item.id)})")
+        pairs = list(results_by_tool_use(await session_events(api, session.id)).values())
+        assert [(tool_use.name, result is not None and not result.is_error) for tool_use, result in pairs] == [
+            ("bash", True)]
+    await world.kube.wait_until(lambda: process_kubelet.exit_codes, message="the worker's exit")
+    assert len(world.acks(item.id)) == 1 and process_kubelet.exit_codes == {pod["metadata"]["name"]: 0}
+
+
+async def test_a_lease_lost_while_the_pod_still_looks_running_is_neither_acked_again_nor_deleted(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """Node loss or a partition: the lease runs out while the pod object still says Running. Before, the
+    always-open long-poll reclaimed the item within milliseconds and the operator acked it again for the
+    same pod. Now the item is left to that pod until it ends; then it gets a fresh pod."""
+    world = workerpool_world
+    (work_id,) = world.enqueue(1)
+    world.create_pool()
+    pod = await wait_released(world, work_id)
+    world.kubelet.run(pod["metadata"]["name"], world.namespace)
+    world.emulator.state.expire_lease(work_id)
+    assert world.work_state(work_id) == "queued"
+    await asyncio.sleep(3.0)  # three reclaim windows: the item was offered again, several times
+    assert len(world.acks(work_id)) == 1
+    same = world.pod_for(work_id)
+    assert same is not None and same["metadata"]["uid"] == pod["metadata"]["uid"]
+    world.kubelet.succeed(pod["metadata"]["name"], world.namespace)  # the old worker ends (412, exit 0)
+    fresh = await world.kube.wait_until(
+        lambda: (p := world.pod_for(work_id)) is not None and p["metadata"]["uid"] != pod["metadata"]["uid"]
+        and not gated(p) and p, timeout=15, message="a fresh pod for the item")
+    assert fresh and len(world.acks(work_id)) == 2 and world.work_state(work_id) == "starting"
+
+
+# ----- 2. one slow or hung Kubernetes call stops all dispatch for the pool ---------------------------------
+
+
+async def test_a_hung_pod_create_holds_up_only_its_own_item(workerpool_world: WorkerPoolWorld) -> None:
+    """Before, the poller that held the item waited on the create, and while it did the pool's other
+    pollers retired on empty polls and no new one started (the pool still had a poller): items queued
+    meanwhile waited for the slow call. One slow admission webhook serialised the pool."""
+    world = workerpool_world
+    hold = world.kube.hold("create", PODS, apply_first=False)
+    (first,) = world.enqueue(1)
+    world.create_pool()
+    await hold.wait_arrived()
+    await asyncio.sleep(1.0)  # the queue stays empty a while: every poller but one retires
+    others = world.enqueue(3)
+    await world.wait_work_state(others, "starting")  # served while the first create still hangs
+    assert world.work_state(first) == "queued" and world.pod_for(first) is None
+    await asyncio.sleep(2.5)  # the first item is re-offered meanwhile: its running dispatch keeps it
+    hold.release()
+    await world.wait_work_state([first], "starting")
+    for work_id in [first, *others]:
+        assert len(world.acks(work_id)) == 1
+        await wait_released(world, work_id)
+
+
+# ----- 4. a startup timeout must not delete the only record of a force-stop still owed -------------------------
+
+
+async def test_a_force_stop_owed_for_a_timed_out_pod_survives_an_operator_restart(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """Before, the timed-out pod was deleted while its stop was retried in memory: a 503 on stop and then a
+    restart meant no stop ever happened. Now the pod stays until the stop went through."""
+    world = workerpool_world
+    world.emulator.faults.add({"faults": [{"route": "work.stop", "effect": "error", "status": 503}]})
+    (work_id,) = world.enqueue(1)
+    world.create_pool(startupTimeoutSeconds=2)
+    pod = await wait_released(world, work_id)
+    world.kubelet.image_pull_backoff(pod["metadata"]["name"], world.namespace)
+    await world.wait_event("WorkerStartTimeout")
+    await asyncio.sleep(1.0)
+    assert world.pod_for(work_id) is not None and world.work_state(work_id) == "starting"
+    await world.operator.restart(abrupt=True)
+    world.emulator.faults.clear()
+    await world.kube.wait_until(lambda: world.work_state(work_id) == "stopped", timeout=30,
+                                message=lambda: f"the item force-stopped ({world.work_state(work_id)})")
+    await world.kube.wait_until(lambda: world.pod_for(work_id) is None, message="the pod deleted after the stop")
+
+
+# ----- 6. per-item objects belong to exactly one pool --------------------------------------------------------
+
+
+async def test_two_pools_of_one_environment_share_no_per_item_object_and_serve_each_item_once(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """Pool A's pod create outlasts the reclaim window; pool B claims the item again and serves it. Before,
+    A's failed create deleted the Secret B's pod used, and each pool's cleanup (and owner references)
+    reached the other's objects. Now the Secret belongs to the one pod of the item."""
+    world = workerpool_world
+    hold = world.kube.hold("create", PODS, apply_first=False)
+    (work_id,) = world.enqueue(1)
+    world.create_pool("pool-a")
+    await hold.wait_arrived()
+    world.create_pool("pool-b")
+    await world.kube.wait_until(lambda: world.work_state(work_id) == "starting", timeout=15,
+                                message="the item served by pool B")
+    pod = await wait_released(world, work_id)
+    assert pod["metadata"]["labels"]["managedagents.dev/worker-pool"] == "pool-b"
+    hold.release()  # A's create now meets B's pod: AlreadyExists, released, left alone
+    await asyncio.sleep(1.5)
+    (secret,) = [s for s in world.secrets_of_items() if s["metadata"]["name"] == pod["metadata"]["name"] + "-secret"]
+    assert secret["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"],
+        "controller": True, "blockOwnerDeletion": False}]
+    assert secret["metadata"]["labels"]["managedagents.dev/worker-pool"] == "pool-b"
+    assert len(world.acks(work_id)) == 1
+    world.kube.delete(WORKERPOOLS, "pool-a", world.namespace)
+    await world.kube.wait_until(lambda: world.pool("pool-a") is None, timeout=15, message="pool A gone")
+    assert world.pod_for(work_id) is not None and world.work_state(work_id) == "starting"
+    assert world.kube.get(SECRETS, secret["metadata"]["name"], world.namespace) is not None
+
+
+# ----- 7. stops go to the environment of the pod -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-operator", "after-restart"])
+async def test_an_item_is_stopped_in_its_own_environment_after_the_pool_moves_to_another(
+        workerpool_world: WorkerPoolWorld, restart: bool) -> None:
+    """Before, owed stops followed the pool's new environment, got 404 (counted as done), and the old
+    items were stranded. Now each pod names its environment, and its stop goes there: through the client
+    the pool still holds for it, or, after a restart, through the operator's API key."""
+    world = workerpool_world
+    (work_id,) = world.enqueue(1)
+    world.create_pool()
+    pod = await wait_released(world, work_id)
+    assert pod["metadata"]["annotations"]["managedagents.dev/environment-id"] == world.environment.id
+    world.kubelet.run(pod["metadata"]["name"], world.namespace)
+    other = self_hosted_environment(world.emulator, "other")
+    world.kube.create(SECRETS, {"metadata": {"name": "other-key", "namespace": world.namespace},
+                                "data": {"key": base64.b64encode(other.key.encode()).decode()}}, world.namespace)
+    world.key_secrets.add("other-key")
+    world.kube.patch(WORKERPOOLS, "pool", {"spec": {
+        "environmentId": other.id, "environmentKeySecretRef": {"name": "other-key", "key": "key"}}}, world.namespace)
+    await world.kube.wait_until(lambda: (world.pool() or {}).get("status", {}).get("environmentId") == other.id,
+                                message="the pool serving the other environment")
+    if restart:
+        await world.operator.restart(abrupt=True)
+    world.kubelet.fail(pod["metadata"]["name"], world.namespace, exit_code=137, reason="OOMKilled")
+    await world.wait_event("WorkerFailed")
+    await world.kube.wait_until(lambda: world.work_state(work_id) == "stopped", timeout=15,
+                                message=lambda: f"the item stopped in its environment ({world.work_state(work_id)})")
+
+
+# ----- smaller ones ----------------------------------------------------------------------------------------------
+
+
+async def test_status_says_no_environment_rather_than_a_stale_one(workerpool_world: WorkerPoolWorld) -> None:
+    world = workerpool_world
+    world.create_pool()
+    await world.kube.wait_until(lambda: (world.pool() or {}).get("status", {}).get("environmentId"),
+                                message="status.environmentId")
+    world.kube.patch(WORKERPOOLS, "pool", {"spec": {"environmentId": None, "environmentRef": {"name": "missing"}}},
+                     world.namespace)
+    await world.wait_condition("Ready", "False", "EnvironmentNotFound")
+    await world.kube.wait_until(lambda: "environmentId" not in (world.pool() or {}).get("status", {}),
+                                message=lambda: f"no environmentId in {(world.pool() or {}).get('status')}")
+
+
+async def test_a_key_rotation_does_not_wait_for_a_dispatch_held_up_by_kubernetes(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """The API rejects the key once (it was rotated); the Secret holds the new one. Before, replacing the
+    client waited for pollers still inside a dispatch (here, a hung pod create), up to 10 s; now pollers
+    only poll, and the hung dispatch keeps the client it came with."""
+    world = workerpool_world
+    hold = world.kube.hold("create", PODS, apply_first=False)
+    (first,) = world.enqueue(1)
+    world.create_pool()
+    await hold.wait_arrived()
+    new_key = world.emulator.state.issue_environment_key(world.environment.id)
+    world.kube.patch(SECRETS, "env-key", {"data": {"key": base64.b64encode(new_key.encode()).decode()}},
+                     world.namespace)
+    world.emulator.faults.add({"faults": [{"route": "work.poll", "effect": "error", "status": 401, "times": 1}]})
+    await world.kube.wait_until(lambda: any(r.status == 401 for r in world.responses), message="the 401")
+    rejected_at = asyncio.get_running_loop().time()
+    (second,) = world.enqueue(1)
+    await world.wait_work_state([second], "starting", timeout=10)
+    assert asyncio.get_running_loop().time() - rejected_at < 5.0
+    hold.release()
+    await world.wait_work_state([first], "starting")
+    assert len(world.acks(first)) == 1 and len(world.acks(second)) == 1
+
+
+async def test_a_redelivered_item_gets_the_secret_of_its_latest_delivery(workerpool_world: WorkerPoolWorld) -> None:
+    """The emulator hands out the same ``secret`` on every delivery; the real API might not. A gated pod's
+    Secret with another payload is replaced before the ack, so the worker starts with the current one."""
+    world = workerpool_world
+    world.emulator.faults.add({"faults": [{"route": "work.ack", "effect": "error", "status": 503, "times": 3}]})
+    (work_id,) = world.enqueue(1)
+    world.create_pool()
+    await world.kube.wait_until(lambda: len([r for r in world.responses if r.path.endswith(f"/{work_id}/ack")]) >= 3,
+                                message="three failed acks")
+    secret_name = world.pod_for(work_id)["metadata"]["name"] + "-secret"  # type: ignore[index]
+    stale = world.kube.get(SECRETS, secret_name, world.namespace)
+    assert stale is not None
+    world.kube.delete(SECRETS, secret_name, world.namespace)
+    world.kube.create(SECRETS, {**{k: v for k, v in stale.items() if k != "data"}, "metadata": {
+        k: v for k, v in stale["metadata"].items() if k in ("name", "namespace", "labels", "annotations",
+                                                            "ownerReferences")},
+        "data": {"work-secret": base64.b64encode(b"an-earlier-delivery").decode()}}, world.namespace)
+    await wait_released(world, work_id)
+    current = world.kube.get(SECRETS, secret_name, world.namespace)
+    assert current is not None
+    assert base64.b64decode(current["data"]["work-secret"]).decode() == world.emulator.state.work[work_id].secret
