@@ -255,3 +255,72 @@ async def test_the_record_file_accumulates_across_fixtures(tmp_path: Any, monkey
         async with start_kube(tmp_path) as kube:
             await http(kube, "GET", path)
     assert load_rbac_record(record) == {RbacUse("", "pods", "list"), RbacUse("", "secrets", "list")}
+
+
+async def watch_lines(response: aiohttp.ClientResponse) -> list[dict[str, Any]]:
+    """Every event until the server ends the stream."""
+    events = []
+    while line := await asyncio.wait_for(response.content.readline(), 5):
+        events.append(json.loads(line))
+    return events
+
+
+async def test_a_watch_resumed_after_compaction_gets_410_and_a_fresh_list_misses_the_deleted_pod(kube: Kube) -> None:
+    for name in ("gone", "kept"):
+        kube.create(PODS, {"metadata": {"name": name}}, NS)
+    _, listed = await http(kube, "GET", PODS.path(NS))
+    last_seen = listed["metadata"]["resourceVersion"]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(kube.url + PODS.path(NS) + f"?watch=true&resourceVersion={last_seen}") as watch:
+            kube.patch(PODS, "kept", {"metadata": {"labels": {"a": "b"}}}, NS)
+            (event,) = [json.loads(await asyncio.wait_for(watch.content.readline(), 5))]
+            assert event["type"] == "MODIFIED"
+            last_seen = event["object"]["metadata"]["resourceVersion"]
+            hold = kube.hold("watch", PODS, apply_first=False, times=None)  # reconnections wait
+            assert kube.break_watches(PODS) == 1
+            assert await watch_lines(watch) == []  # the stream just ends, as a dropped connection would
+        resumed = asyncio.create_task(session.get(
+            kube.url + PODS.path(NS) + f"?watch=true&resourceVersion={last_seen}"))
+        await hold.wait_arrived()
+        kube.delete(PODS, "gone", NS)  # while nobody watches
+        compacted = kube.compact(PODS)
+        hold.release()
+        async with await resumed as watch:
+            assert watch.status == 200
+            (error,) = await watch_lines(watch)  # one ERROR event, then the end
+        assert error == {"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 410,
+            "reason": "Expired", "message": f"too old resource version: {last_seen} ({compacted + 1})"}}
+        # The client must re-list: the deleted pod is simply absent (no DELETED event ever reached it).
+        _, relisted = await http(kube, "GET", PODS.path(NS))
+        assert [pod["metadata"]["name"] for pod in relisted["items"]] == ["kept"]
+        assert int(relisted["metadata"]["resourceVersion"]) > compacted
+        async with session.get(kube.url + PODS.path(NS) +
+                               f"?watch=true&resourceVersion={relisted['metadata']['resourceVersion']}") as watch:
+            kube.create(PODS, {"metadata": {"name": "new"}}, NS)  # a watch from the fresh list works
+            assert await read_events(watch, 1) == [("ADDED", "new")]
+
+
+async def test_compaction_spares_watches_without_a_resource_version_and_other_resources(kube: Kube) -> None:
+    kube.create(PODS, {"metadata": {"name": "p1"}}, NS)
+    old = kube.create(ENVIRONMENTS, environment("e1"), NS)["metadata"]["resourceVersion"]
+    kube.compact(PODS)
+    for query in ("", "&resourceVersion=0", f"&resourceVersion={old}&sendInitialEvents=true"):
+        async with aiohttp.ClientSession() as session, \
+                session.get(kube.url + PODS.path(NS) + "?watch=true" + query) as watch:
+            assert await read_events(watch, 1) == [("ADDED", "p1")]
+    async with aiohttp.ClientSession() as session, \
+            session.get(kube.url + ENVIRONMENTS.path(NS) + f"?watch=true&resourceVersion={int(old) - 1}") as watch:
+        assert await read_events(watch, 1) == [("ADDED", "e1")]  # only pods were compacted
+
+
+async def test_breaking_watches_ends_only_that_resources_streams(kube: Kube) -> None:
+    async with aiohttp.ClientSession() as session, \
+            session.get(kube.url + PODS.path(NS) + "?watch=true") as pods, \
+            session.get(kube.url + ENVIRONMENTS.path(NS) + "?watch=true") as environments:
+        await kube.wait_until(lambda: kube.server.open_watches == 2)
+        assert kube.break_watches(PODS) == 1
+        kube.create(PODS, {"metadata": {"name": "after"}}, NS)  # not sent: the stream is over
+        assert await watch_lines(pods) == []
+        kube.create(ENVIRONMENTS, environment("e1"), NS)
+        assert await read_events(environments, 1) == [("ADDED", "e1")]

@@ -160,3 +160,36 @@ async def test_the_cli_operator_runs_against_the_fake_apiserver(kube: Kube) -> N
         if exited.returncode == 3 and "not implemented" in exited.output:
             pytest.skip("`environments-operator run` is not implemented yet")
         raise
+
+
+async def test_kopf_relists_after_a_410_and_never_hears_of_a_pod_deleted_meanwhile(kube: Kube) -> None:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.index("", "v1", "pods", registry=registry, id="pod_names")
+    def pod_names(name: str, **_: Any) -> dict[str, None]:
+        return {name: None}
+
+    @kopf.on.event("", "v1", "pods", registry=registry)
+    def seen(type: str | None, name: str, memo: kopf.Memo, pod_names: kopf.Index[str, None], **_: Any) -> None:
+        memo.events.append((type, name, sorted(pod_names)))
+
+    kube.ensure_namespace(NS)
+    for name in ("gone", "kept"):
+        kube.create(PODS, {"metadata": {"name": name}}, NS)
+    async with run_operator(kube, registry=registry, namespaces=[NS],
+                            memo_factory=lambda: kopf.Memo(events=[])) as operator:
+        events = operator.memo.events
+        await kube.wait_until(lambda: len(events) == 2, message="the two listed pods")
+        hold = kube.hold("watch", PODS, apply_first=False, times=None)
+        lists = len([call for call in kube.calls if call.verb == "list" and call.resource == "pods"])
+        assert kube.break_watches(PODS) == 1
+        await hold.wait_arrived()  # kopf resumes from its last resourceVersion, and waits
+        kube.delete(PODS, "gone", NS)
+        kube.compact(PODS)
+        hold.release()
+        await kube.wait_for_calls("list", PODS, count=lists + 1)  # the 410 made it list again
+        await kube.wait_until(lambda: len(events) == 3, message="the relisted pod")
+    # Per-object workers run in any order: compare the listing's two events as a set.
+    assert {(kind, name) for kind, name, _ in events[:2]} == {(None, "gone"), (None, "kept")}
+    assert events[2][:2] == (None, "kept")  # relisted; and no DELETED event for "gone", ever
+    assert events[2][2] == ["gone", "kept"]  # so kopf's own index still holds the vanished pod

@@ -9,6 +9,7 @@ and are never recorded as operator requests.
     obj = await kube.wait_for(ENVIRONMENTS, "e1", lambda o: o and o.get("status"), namespace="ns")
     kube.fail("create", PODS, code=403, message="exceeded quota", times=2)     # the next 2 pod creations
     hold = kube.hold("create", PODS)                                            # stall the next creation
+    kube.break_watches(PODS); kube.compact(PODS)    # end pod watches; resumed ones then get 410 Gone
     assert RbacUse("", "pods", "create") in kube.rbac_uses()
 
 What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or in ``apimachinery``):
@@ -31,9 +32,13 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
   ``install_crd`` (defaults, pruning, 422 on type errors and on ``x-kubernetes-validations`` CEL rules,
   through ``crd_validation``);
 - printing: the ``Table`` that ``kubectl get`` asks for, with a CRD's printer columns (``tables``);
-- errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...).
+- errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...);
+- watch faults, on request only: ``Kube.compact`` (a watch from a compacted resourceVersion gets one ERROR
+  event with a 410 Expired Status, then the stream ends) and ``Kube.break_watches`` (open streams end now).
 Not emulated: garbage collection (ownerReferences), admission, RBAC enforcement, server-side apply,
-graceful pod termination (a deleted pod without finalizers is gone at once), ``limit``/``continue``.
+graceful pod termination (a deleted pod without finalizers is gone at once), ``limit``/``continue``,
+compaction on its own (only ``compact()`` expires resourceVersions; lists never answer 410), watch bookmarks
+other than the initial-events-end one.
 
 What this module may not do: know about our operator's logic; everything here is generic Kubernetes.
 """
@@ -224,6 +229,14 @@ class Hold(_Matcher):
         self.released.set()
 
 
+@dataclasses.dataclass(eq=False)
+class _WatchStream:
+    """One watch stream being served; ``Kube.break_watches`` marks it broken and it ends at once."""
+
+    resource: tuple[str, str, str]
+    broken: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
 class _Route:
     verb: str
@@ -297,6 +310,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
     _pulse: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     open_watches: int = attrs.field(default=0, init=False)  # streams being served now (a dead client's end)
+    _streams: set[_WatchStream] = attrs.field(factory=set, init=False)
+    # Per resource: watches from this resourceVersion or older are answered 410 Gone (see ``compact``).
+    _compacted: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
 
     # --- declarations -------------------------------------------------------------------------------------
 
@@ -687,6 +703,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
         if not since.isdigit() and since != "":
             raise ApiError(400, f"invalid resourceVersion {since!r}")
         initial = since in ("", "0") or query.get("sendInitialEvents") == "true"
+        compacted = self._compacted.get(resource.key, 0)
+        if not initial and int(since) <= compacted:
+            return await self._expired_watch(raw, since, compacted)
         changes = self._changes[resource.key]
         position = len(changes) if initial else \
             next((i for i, change in enumerate(changes) if change.revision > int(since)), len(changes))
@@ -699,6 +718,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         except ConnectionError:
             return response  # the client hung up (or was killed) before the stream began
         self.open_watches += 1
+        stream = _WatchStream(resource.key)
+        self._streams.add(stream)
         events: list[JSON] = []
         if initial:
             events += [{"type": "ADDED", "object": obj} for obj in self.list_objects(resource, namespace)
@@ -721,10 +742,12 @@ class FakeApiServer(kmock.KubernetesEmulator):
                     if event_type:
                         events.append({"type": event_type, "object": change.object})
                 for event in events:
+                    if stream.broken:
+                        break
                     await response.write(json.dumps(event).encode() + b"\n")
                 events = []
                 transport = raw.transport
-                if self._closing or transport is None or transport.is_closing():
+                if stream.broken or self._closing or transport is None or transport.is_closing():
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -737,8 +760,38 @@ class FakeApiServer(kmock.KubernetesEmulator):
             pass  # the client hung up (or was killed): nothing to tell it
         finally:
             self.open_watches -= 1
+            self._streams.discard(stream)
             self.notify()
         return response
+
+    async def _expired_watch(self, raw: aiohttp.web.BaseRequest, since: str,
+                             compacted: int) -> aiohttp.web.StreamResponse:
+        """What a real apiserver answers a watch from a compacted resourceVersion: HTTP 200 and one
+        ERROR event carrying a 410 Expired Status, then the end of the stream."""
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 410,
+                  "reason": "Expired", "message": f"too old resource version: {since} ({compacted + 1})"}
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.prepare(raw)
+            await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
+            await response.write_eof()
+        return response
+
+    def compact(self, resource: Resource) -> int:
+        """Forget the history of ``resource`` up to now: watches from the current resourceVersion or
+        older get 410 Gone. The revision then moves on by one, so that a fresh list's resourceVersion
+        can be watched (as on a real apiserver). Returns the compacted revision."""
+        compacted = self._compacted[resource.key] = self._revision
+        self._revision += 1
+        return compacted
+
+    def break_watches(self, resource: Resource) -> int:
+        """End every open watch stream of ``resource`` now; returns how many there were."""
+        broken = [stream for stream in self._streams if stream.resource == resource.key and not stream.broken]
+        for stream in broken:
+            stream.broken = True
+        self.notify()
+        return len(broken)
 
     async def changes(self, resource: Resource) -> AsyncIterator[Change]:
         """Every change of ``resource`` from now on, until the server closes (for test-side watchers)."""
@@ -936,6 +989,26 @@ class Kube:
         hold = Hold(verb, resource, namespace, name, subresource, times, apply_first=apply_first)
         self.server.holds.append(hold)
         return hold
+
+    # --- watch faults -------------------------------------------------------------------------------------
+
+    def compact(self, resource: Resource) -> int:
+        """Compact ``resource``'s history, as etcd does every few minutes: from now on a watch from any
+        resourceVersion up to the current one is answered HTTP 200 with a single ``ERROR`` event (a 410
+        ``Expired`` Status), and ends. A watch without resourceVersion (or ``0``, or ``sendInitialEvents``)
+        and one from a newer resourceVersion are served as usual; so is a list. kopf answers the 410 by
+        listing again, and sees no DELETED event for what vanished meanwhile. Returns the compacted
+        resourceVersion (a fresh list's resourceVersion is newer)."""
+        return self.server.compact(resource)
+
+    def break_watches(self, resource: Resource) -> int:
+        """End every open watch stream of ``resource`` now, as a dropped connection or a server-side
+        timeout would (nothing more is written to them; clients reconnect from their last
+        resourceVersion). Returns how many streams were ended.
+
+        With ``hold("watch", ..., times=None)`` first, the reconnections wait; delete objects, then
+        ``compact()``, then release the hold: the resumed watches get 410 and must re-list."""
+        return self.server.break_watches(resource)
 
     def clear_faults(self) -> None:
         for hold in self.server.holds:
