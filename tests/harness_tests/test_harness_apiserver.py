@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from typing import Any
 
@@ -324,3 +325,81 @@ async def test_breaking_watches_ends_only_that_resources_streams(kube: Kube) -> 
         assert await watch_lines(pods) == []
         kube.create(ENVIRONMENTS, environment("e1"), NS)
         assert await read_events(environments, 1) == [("ADDED", "e1")]
+
+
+def seconds_from_now(timestamp: str) -> float:
+    moment = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    return (moment - datetime.datetime.now(datetime.UTC)).total_seconds()
+
+
+async def test_in_graceful_mode_a_deleted_pod_stays_terminating_until_a_force_delete(kube: Kube) -> None:
+    kube.graceful_pod_deletion = True
+    spec = {"containers": [{"name": "c", "image": "i"}], "terminationGracePeriodSeconds": 20}
+    kube.create(PODS, {"metadata": {"name": "p1"}, "spec": spec}, NS)
+
+    def delete(**options: Any) -> None:
+        api = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(str(kube.kubeconfig)))
+        api.delete_namespaced_pod("p1", NS, **options)
+
+    async with aiohttp.ClientSession() as session, \
+            session.get(kube.url + PODS.path(NS) + "?watch=true") as watch:
+        assert await read_events(watch, 1) == [("ADDED", "p1")]
+        await asyncio.to_thread(delete)  # the spec's grace period
+        assert await read_events(watch, 1) == [("MODIFIED", "p1")]
+        terminating = kube.get(PODS, "p1", NS)
+        meta = terminating["metadata"]
+        assert meta["deletionGracePeriodSeconds"] == 20 and 18 <= seconds_from_now(meta["deletionTimestamp"]) <= 21
+        table = {"Accept": "application/json;as=Table;g=meta.k8s.io;v=v1"}
+        _, listed = await http(kube, "GET", PODS.path(NS), headers=table)
+        assert listed["rows"][0]["cells"][2] == "Terminating"
+        await asyncio.to_thread(delete, grace_period_seconds=5)  # again, with a grace: nothing changes
+        assert kube.get(PODS, "p1", NS) == terminating
+        await asyncio.to_thread(delete, grace_period_seconds=0)  # kubectl delete --force --grace-period=0
+        assert await read_events(watch, 1) == [("DELETED", "p1")]
+    assert kube.get(PODS, "p1", NS) is None
+
+
+@pytest.mark.parametrize(("options", "query", "grace"), [
+    ({"gracePeriodSeconds": 7}, "", 7),
+    (None, "?gracePeriodSeconds=3", 3),
+    (None, "", 30),  # neither DeleteOptions nor the spec say: 30 s
+    ({"gracePeriodSeconds": 0}, "", None),  # deleted at once
+    (None, "?gracePeriodSeconds=0", None),
+])
+async def test_the_grace_period_comes_from_delete_options_body_or_query(
+        kube: Kube, options: Any, query: str, grace: int | None) -> None:
+    kube.graceful_pod_deletion = True
+    kube.create(PODS, {"metadata": {"name": "p1"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}, NS)
+    status, _ = await http(kube, "DELETE", PODS.path(NS, "p1") + query, options)
+    assert status == 200
+    pod = kube.get(PODS, "p1", NS)
+    assert (pod and pod["metadata"]["deletionGracePeriodSeconds"]) == grace
+
+
+async def test_in_graceful_mode_finalizers_and_the_kubelet_both_hold_a_pod(kube: Kube) -> None:
+    kube.graceful_pod_deletion = True
+    for name in ("finalizers-last", "kubelet-last"):
+        kube.create(PODS, {"metadata": {"name": name, "finalizers": ["f"]}}, NS)
+        kube.delete(PODS, name, NS)
+    kube.remove_finalizers(PODS, "kubelet-last", NS)
+    assert kube.get(PODS, "kubelet-last", NS)["metadata"]["deletionGracePeriodSeconds"] == 30  # still Terminating
+    kube.delete(PODS, "kubelet-last", NS, grace_period_seconds=0)
+    assert kube.get(PODS, "kubelet-last", NS) is None
+    kube.delete(PODS, "finalizers-last", NS, grace_period_seconds=0)  # the containers stopped; the finalizer holds
+    assert kube.get(PODS, "finalizers-last", NS)["metadata"]["deletionGracePeriodSeconds"] == 0
+    kube.remove_finalizers(PODS, "finalizers-last", NS)
+    assert kube.get(PODS, "finalizers-last", NS) is None
+
+
+async def test_without_graceful_mode_or_once_finished_a_deleted_pod_is_gone_at_once(kube: Kube) -> None:
+    kube.create(PODS, {"metadata": {"name": "p1"}}, NS)
+    await http(kube, "DELETE", PODS.path(NS, "p1"), {"gracePeriodSeconds": 30})
+    assert kube.get(PODS, "p1", NS) is None  # the default mode
+    kube.graceful_pod_deletion = True
+    kube.create(PODS, {"metadata": {"name": "done"}}, NS)
+    kube.patch_status(PODS, "done", {"phase": "Succeeded"}, NS)
+    kube.delete(PODS, "done", NS)
+    assert kube.get(PODS, "done", NS) is None  # nothing runs any more: no grace period
+    kube.create(ENVIRONMENTS, environment("e1"), NS)
+    kube.delete(ENVIRONMENTS, "e1", NS)
+    assert kube.get(ENVIRONMENTS, "e1", NS) is None  # only pods are deleted gracefully

@@ -23,7 +23,9 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
 - the status subresource: the main endpoint ignores ``status``, ``/status`` ignores everything else,
   ``status`` is dropped on create; new pods get ``status.phase=Pending``, namespaces ``Active``;
 - deletion: finalizers hold an object with ``deletionTimestamp`` until the last one is removed; no new
-  finalizers once deleting; ``deletecollection``; DeleteOptions preconditions;
+  finalizers once deleting; ``deletecollection``; DeleteOptions preconditions; on request
+  (``Kube.graceful_pod_deletion``), graceful pod deletion: a pod stays Terminating until a delete with
+  ``gracePeriodSeconds: 0`` (its kubelet's, or a force delete);
 - reading: label and field selectors on list and watch (a watch turns a MODIFIED that leaves/enters the
   selection into DELETED/ADDED), watch from a resourceVersion replays what was missed, ``timeoutSeconds``,
   ``sendInitialEvents`` with the initial-events-end bookmark;
@@ -36,7 +38,9 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
 - watch faults, on request only: ``Kube.compact`` (a watch from a compacted resourceVersion gets one ERROR
   event with a 410 Expired Status, then the stream ends) and ``Kube.break_watches`` (open streams end now).
 Not emulated: garbage collection (ownerReferences), admission, RBAC enforcement, server-side apply,
-graceful pod termination (a deleted pod without finalizers is gone at once), ``limit``/``continue``,
+graceful pod termination by default (a deleted pod without finalizers is gone at once; in graceful mode,
+the immediate deletion of unscheduled pods, as the fake's kubelets never set ``spec.nodeName``),
+``limit``/``continue``,
 compaction on its own (only ``compact()`` expires resourceVersions; lists never answer 410), watch bookmarks
 other than the initial-events-end one.
 
@@ -80,6 +84,8 @@ DEFAULT_TIMEOUT = 10.0
 _WATCH_LIVENESS_CHECK = 0.2
 
 _BUILTIN_GROUPS = frozenset({"", "apps", "batch", "policy", "autoscaling"})
+# A pod's grace period when neither DeleteOptions nor spec.terminationGracePeriodSeconds give one.
+DEFAULT_POD_GRACE_SECONDS = 30
 STANDARD_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 
 
@@ -273,8 +279,9 @@ def _parse_route(method: str, path: str, query: Mapping[str, str]) -> _Route | N
     return _Route(verb, group, version, plural, namespace, name, subresource)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(seconds_later: float = 0) -> str:
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds_later)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _content(obj: JSON) -> JSON:
@@ -311,6 +318,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
     _closing: bool = attrs.field(default=False, init=False)
     open_watches: int = attrs.field(default=0, init=False)  # streams being served now (a dead client's end)
     _streams: set[_WatchStream] = attrs.field(factory=set, init=False)
+    # Pods deleted with a grace period stay Terminating until a grace-0 delete (see ``delete_object``).
+    graceful_pod_deletion: bool = False
     # Per resource: watches from this resourceVersion or older are answered 410 Gone (see ``compact``).
     _compacted: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
 
@@ -444,10 +453,18 @@ class FakeApiServer(kmock.KubernetesEmulator):
                          "metadata": {"resourceVersion": str(self._revision)}, "items": items}
         if verb == "create" and name is None:
             return 201, self.create_object(resource, namespace, self._body(payload))
+        if verb in ("delete", "deletecollection"):
+            options = payload if isinstance(payload, dict) else {}
+            grace = options.get("gracePeriodSeconds", query.get("gracePeriodSeconds"))
+            try:
+                grace = None if grace is None else int(grace)
+            except (TypeError, ValueError):
+                raise ApiError(400, f"invalid gracePeriodSeconds {grace!r}") from None
         if verb == "deletecollection":
             for item in self.list_objects(resource, namespace, query.get("labelSelector"),
                                           query.get("fieldSelector")):
-                self.delete_object(resource, item["metadata"].get("namespace"), item["metadata"]["name"])
+                self.delete_object(resource, item["metadata"].get("namespace"), item["metadata"]["name"],
+                                   grace_period_seconds=grace)
             return 200, {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success"}
         assert name is not None
         if verb == "get":
@@ -460,8 +477,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
         if verb == "patch":
             return 200, self.patch_object(resource, namespace, name, payload, content_type, route.subresource)
         if verb == "delete":
-            options = payload if isinstance(payload, dict) else {}
-            return 200, self.delete_object(resource, namespace, name, options.get("preconditions"))
+            return 200, self.delete_object(resource, namespace, name, options.get("preconditions"), grace)
         raise ApiError(405, f"the server does not allow this method on the requested resource ({verb})")
 
     @staticmethod
@@ -581,7 +597,11 @@ class FakeApiServer(kmock.KubernetesEmulator):
         raise ApiError(415, f"the fake apiserver does not emulate the patch type {content_type!r}")
 
     def delete_object(self, resource: Resource, namespace: str | None, name: str,
-                      preconditions: JSON | None = None) -> JSON:
+                      preconditions: JSON | None = None, grace_period_seconds: int | None = None) -> JSON:
+        """Delete, or start deleting: finalizers hold the object (``deletionTimestamp`` set) until they are
+        gone. With ``graceful_pod_deletion``, a pod deleted with a grace period other than 0 stays too
+        (Terminating, ``deletionTimestamp`` = now + grace) until a delete with grace 0 (its kubelet's, or a
+        force delete); a finished (Succeeded/Failed) pod is deleted at once, as on a real apiserver."""
         old = self._existing(resource, namespace, name)
         preconditions = preconditions or {}
         if preconditions.get("uid") not in (None, old["metadata"]["uid"]):
@@ -589,14 +609,33 @@ class FakeApiServer(kmock.KubernetesEmulator):
                                 f'failed: UID in precondition: {preconditions["uid"]}, UID in object meta: '
                                 f'{old["metadata"]["uid"]}')
         self._check_resource_version(resource, name, old, preconditions.get("resourceVersion"))
-        if old["metadata"].get("deletionTimestamp"):
-            return old  # deletion already started; waiting for finalizers
-        if old["metadata"].get("finalizers"):
-            new = copy.deepcopy(old)
-            new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0,
-                                   generation=old["metadata"]["generation"] + 1)
-            return self._commit(resource, "MODIFIED", new, old)
-        return self._commit(resource, "DELETED", copy.deepcopy(old), old)
+        meta = old["metadata"]
+        grace = self._grace_seconds(resource, old, grace_period_seconds)
+        if meta.get("deletionTimestamp"):
+            if grace == 0 and meta.get("deletionGracePeriodSeconds"):  # a force delete of a Terminating pod
+                if not meta.get("finalizers"):
+                    return self._commit(resource, "DELETED", copy.deepcopy(old), old)
+                new = copy.deepcopy(old)
+                new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
+                return self._commit(resource, "MODIFIED", new, old)
+            return old  # deletion already started; waiting for finalizers (or for the pod's kubelet)
+        if grace == 0 and not meta.get("finalizers"):
+            return self._commit(resource, "DELETED", copy.deepcopy(old), old)
+        new = copy.deepcopy(old)
+        new["metadata"].update(deletionTimestamp=_now(grace), deletionGracePeriodSeconds=grace,
+                               generation=meta["generation"] + 1)
+        return self._commit(resource, "MODIFIED", new, old)
+
+    def _grace_seconds(self, resource: Resource, old: JSON, requested: int | None) -> int:
+        """How long a deletion waits for its kubelet: 0 (at once) but for pods in graceful mode."""
+        if not self.graceful_pod_deletion or resource.key != PODS.key:
+            return 0
+        if (old.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return 0  # nothing runs any more: a real apiserver deletes finished pods at once
+        if requested is not None:
+            return max(requested, 0)
+        spec_grace = (old.get("spec") or {}).get("terminationGracePeriodSeconds")
+        return DEFAULT_POD_GRACE_SECONDS if spec_grace is None else int(spec_grace)
 
     def _existing(self, resource: Resource, namespace: str | None, name: str) -> JSON:
         old = self.get_object(resource, namespace, name)
@@ -643,7 +682,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
             meta["generation"] = old_meta.get("generation", 1) + 1
         if new == old:
             return old  # a no-op write: no new resourceVersion, no watch event
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        # The last finalizer is gone; a Terminating pod still waits for the grace-0 delete of its kubelet.
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and not meta.get("deletionGracePeriodSeconds"):
             return self._commit(resource, "DELETED", new, old)
         return self._commit(resource, "MODIFIED", new, old)
 
@@ -847,6 +887,23 @@ class Kube:
         return str(self.server.url).rstrip("/")
 
     @property
+    def graceful_pod_deletion(self) -> bool:
+        """Off by default: a deleted pod without finalizers is gone at once.
+
+        Set it to True, and a pod deleted with a grace period other than 0 (DeleteOptions
+        ``gracePeriodSeconds`` in the body, else the query; else ``spec.terminationGracePeriodSeconds``,
+        else 30) becomes Terminating: ``deletionTimestamp`` = now + grace, ``deletionGracePeriodSeconds``,
+        a MODIFIED event, and the pod stays. A delete with grace 0 removes it (a force delete, or what its
+        kubelet sends once the containers stopped: ``Kubelet.finish_termination``, the automatic kubelet
+        and the process kubelet do it). Deleting a Terminating pod again with a grace changes nothing;
+        Succeeded and Failed pods are deleted at once. Other resources are unaffected."""
+        return self.server.graceful_pod_deletion
+
+    @graceful_pod_deletion.setter
+    def graceful_pod_deletion(self, enabled: bool) -> None:
+        self.server.graceful_pod_deletion = enabled
+
+    @property
     def kubeconfig(self) -> Path:
         """A kubeconfig file pointing at this server (written on first use)."""
         if self._kubeconfig is None:
@@ -898,9 +955,11 @@ class Kube:
         """Merge-patch ``status`` through the status subresource (as a kubelet or another controller would)."""
         return self.patch(resource, name, {"status": status}, namespace, subresource="status")
 
-    def delete(self, resource: Resource, name: str, namespace: str | None = None) -> JSON:
-        """Delete like ``DELETE``: with finalizers, only ``deletionTimestamp`` is set until they are gone."""
-        return self.server.delete_object(resource, namespace, name)
+    def delete(self, resource: Resource, name: str, namespace: str | None = None, *,
+               grace_period_seconds: int | None = None) -> JSON:
+        """Delete like ``DELETE``: with finalizers, only ``deletionTimestamp`` is set until they are gone.
+        ``grace_period_seconds`` matters only with ``graceful_pod_deletion`` (0: a force delete)."""
+        return self.server.delete_object(resource, namespace, name, grace_period_seconds=grace_period_seconds)
 
     def remove_finalizers(self, resource: Resource, name: str, namespace: str | None = None) -> JSON:
         return self.patch(resource, name, {"metadata": {"finalizers": None}}, namespace)
