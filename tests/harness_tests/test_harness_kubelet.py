@@ -73,3 +73,37 @@ async def test_the_automatic_mode_can_fail_pods_and_stops_on_request(kube: Kube,
     make_pod(kube, "p2")
     await asyncio.sleep(0.05)  # longer than running_after: a running kubelet would have moved it
     assert kube.get(PODS, "p2", NS)["status"] == {"phase": "Pending"}
+
+
+async def test_in_graceful_mode_a_deleted_pod_waits_for_finish_termination(kube: Kube, kubelet: Kubelet) -> None:
+    kube.graceful_pod_deletion = True
+    make_pod(kube, "p")
+    kubelet.run("p", NS)
+    with pytest.raises(ValueError, match="not terminating"):
+        kubelet.finish_termination("p", NS)
+    kube.delete(PODS, "p", NS)
+    assert kube.get(PODS, "p", NS)["metadata"]["deletionTimestamp"]  # Terminating: nobody finished it
+    kubelet.finish_termination("p", NS)
+    assert kube.get(PODS, "p", NS) is None
+    make_pod(kube, "q")
+    kubelet.vanish("q", NS)
+    assert kube.get(PODS, "q", NS) is None  # gone, not Terminating
+
+
+async def test_the_automatic_mode_finishes_terminations_unless_the_node_is_lost(kube: Kube, kubelet: Kubelet) -> None:
+    kube.graceful_pod_deletion = True
+    kubelet.start_auto(running_after=0.01, terminating_for=0.02)
+    for name in ("p1", "p2"):
+        make_pod(kube, name)
+        await kube.wait_for(PODS, name, lambda pod: pod["status"]["phase"] == "Running", NS)
+    kube.delete(PODS, "p1", NS)
+    assert kube.get(PODS, "p1", NS) is not None  # Terminating for a moment
+    await kube.wait_for(PODS, "p1", lambda pod: pod is None, NS)
+    kubelet.lose_node()
+    kube.delete(PODS, "p2", NS)
+    make_pod(kube, "p3")
+    await asyncio.sleep(0.1)  # longer than terminating_for and running_after
+    assert kube.get(PODS, "p2", NS)["metadata"]["deletionTimestamp"]  # stuck Terminating
+    assert kube.get(PODS, "p3", NS)["status"] == {"phase": "Pending"}  # a lost node runs nothing
+    kube.delete(PODS, "p2", NS, grace_period_seconds=0)  # only a force delete removes it
+    assert kube.get(PODS, "p2", NS) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 from collections.abc import AsyncIterator
@@ -171,3 +172,44 @@ class TestTermination:
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+
+
+class TestGracefulDeletion:
+    async def test_a_terminating_pod_is_removed_once_its_process_is_killed_after_the_deletions_grace(
+        self, kube: Kube, node: ProcessKubelet
+    ) -> None:
+        kube.graceful_pod_deletion = True
+        create_pod(kube, "stubborn", ["sh", "-c", "trap '' TERM; echo ready; sleep 60"])  # the spec's grace: 30 s
+        await kube.wait_until(lambda: "ready" in node.log("stubborn"))  # SIGTERM must not beat the trap
+        kube.delete(PODS, "stubborn", NAMESPACE, grace_period_seconds=1)
+        await asyncio.sleep(0.5)
+        pod = kube.get(PODS, "stubborn", NAMESPACE)
+        assert pod is not None and pod["metadata"]["deletionTimestamp"] and "stubborn" not in node.exit_codes
+        await kube.wait_for(PODS, "stubborn", lambda p: p is None, NAMESPACE)
+        assert node.exit_codes["stubborn"] == 137  # SIGKILL after the DeleteOptions' 1 s, not the spec's 30
+
+    async def test_a_terminating_pod_without_a_process_is_removed_at_once(
+        self, kube: Kube, node: ProcessKubelet
+    ) -> None:
+        kube.graceful_pod_deletion = True
+        create_pod(kube, "elsewhere", ["true"], image="registry.example/other:1")
+        await kube.wait_for(PODS, "elsewhere", lambda p: waiting_reason(p) == "ErrImageNeverPull", NAMESPACE)
+        kube.delete(PODS, "elsewhere", NAMESPACE)
+        await kube.wait_for(PODS, "elsewhere", lambda p: p is None, NAMESPACE)
+
+    async def test_on_a_lost_node_the_process_is_killed_but_the_pod_stays_terminating(
+        self, kube: Kube, node: ProcessKubelet
+    ) -> None:
+        kube.graceful_pod_deletion = True
+        create_pod(kube, "stranded", ["sleep", "60"])
+        await wait_phase(kube, "stranded", "Running")
+        node.lose("stranded")
+        kube.delete(PODS, "stranded", NAMESPACE)
+        await kube.wait_until(lambda: node.exit_codes.get("stranded"), timeout=10)
+        kube.patch(PODS, "stranded", {"metadata": {"annotations": {"seen": "yes"}}}, NAMESPACE)  # a later change
+        await asyncio.sleep(0.2)  # time to report, if it did
+        pod = kube.get(PODS, "stranded", NAMESPACE)
+        assert pod is not None and pod["metadata"]["deletionTimestamp"]
+        assert pod["status"]["phase"] == "Running"  # nobody reported the exit
+        kube.delete(PODS, "stranded", NAMESPACE, grace_period_seconds=0)  # what a test would force
+        assert kube.get(PODS, "stranded", NAMESPACE) is None

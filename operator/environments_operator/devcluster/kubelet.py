@@ -9,13 +9,20 @@ kubelet and the scheduler do) and deletes pods (as a node loss or an eviction wo
     kubelet.image_pull_backoff("pod-c", "ns")        # stays Pending; container waiting: ImagePullBackOff
     kubelet.unschedulable("pod-d", "ns")             # stays Pending; PodScheduled=False/Unschedulable
     kubelet.vanish("pod-e", "ns")                    # deleted (finalizers stripped: the node is gone)
+    kubelet.finish_termination("pod-f", "ns")        # a Terminating pod's containers stopped: it is removed
 
     kubelet.start_auto(running_after=0.05, finish_after=0.5)   # every new Pending pod, in the background
     ...
+    kubelet.lose_node()                              # from now on the automatic mode does nothing
     await kubelet.stop_auto()
 
 A pod with ``spec.schedulingGates`` is never scheduled, so no kubelet runs it: ``run`` refuses a gated
 pod (``GatedPodError``), and the automatic mode starts a pod only once its last gate is removed.
+
+With ``kube.graceful_pod_deletion``, a deleted pod stays Terminating until its kubelet finishes the
+deletion: here, ``finish_termination`` (a delete with grace 0, as a kubelet sends once the containers
+stopped), or the automatic mode ``terminating_for`` seconds after the deletion, unless the node is lost:
+then the pod stays Terminating until the test finishes it or force-deletes it.
 
 What this module may not do: create or change anything but pods' status, or delete anything but pods.
 """
@@ -26,7 +33,8 @@ import asyncio
 import contextlib
 import datetime
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
 
 from environments_operator.devcluster.apimachinery import JSON
 from environments_operator.devcluster.kube import PODS, Kube
@@ -59,6 +67,13 @@ def container_statuses(pod: JSON, state: JSON, *, ready: bool, started: bool) ->
             for container in pod.get("spec", {}).get("containers", [])]
 
 
+def waits_for_kubelet(pod: JSON) -> bool:
+    """A Terminating pod whose deletion waits for its kubelet (``graceful_pod_deletion``): a delete with
+    grace 0 finishes it."""
+    meta = pod["metadata"]
+    return bool(meta.get("deletionTimestamp") and meta.get("deletionGracePeriodSeconds"))
+
+
 async def cancel_all(tasks: Iterable[asyncio.Task[None] | None]) -> None:
     """Cancel the tasks, and wait until each has ended."""
     running = [task for task in tasks if task is not None]
@@ -78,6 +93,8 @@ class Kubelet:
         self._auto_task: asyncio.Task[None] | None = None
         self._pod_tasks: set[asyncio.Task[None]] = set()
         self._adopted: set[str] = set()  # uids the automatic mode took on
+        self._terminations: set[str] = set()  # uids of the Terminating pods the automatic mode will finish
+        self.node_lost = False
 
     def _pod(self, name: str, namespace: str) -> JSON:
         pod = self.kube.get(PODS, name, namespace)
@@ -156,37 +173,80 @@ class Kubelet:
         })
 
     def vanish(self, name: str, namespace: str, *, force: bool = True) -> None:
-        """The pod disappears (node lost, evicted, deleted by someone else). ``force`` strips finalizers."""
+        """The pod disappears (node lost, evicted, deleted by someone else). ``force`` strips finalizers.
+        The deletion has grace 0: even with ``graceful_pod_deletion`` the pod is gone, not Terminating."""
         pod = self._pod(name, namespace)
         if force and pod["metadata"].get("finalizers"):
             self.kube.remove_finalizers(PODS, name, namespace)
         if self.kube.get(PODS, name, namespace) is not None:
-            self.kube.delete(PODS, name, namespace)
+            self.kube.delete(PODS, name, namespace, grace_period_seconds=0)
+
+    def finish_termination(self, name: str, namespace: str) -> None:
+        """The Terminating pod's containers have stopped: delete it with grace 0, as its kubelet would
+        (finalizers, if any, still hold it). ``ValueError`` if the pod is not being deleted."""
+        pod = self._pod(name, namespace)
+        if not pod["metadata"].get("deletionTimestamp"):
+            raise ValueError(f"pod {namespace}/{name} is not terminating")
+        self.kube.delete(PODS, name, namespace, grace_period_seconds=0)
+
+    def lose_node(self) -> None:
+        """The node is gone: the automatic mode writes no more status and finishes no termination, so
+        deleted pods stay Terminating (with ``graceful_pod_deletion``). Manual calls still work."""
+        self.node_lost = True
 
     # --- automatic mode -----------------------------------------------------------------------------------
 
     def start_auto(self, *, running_after: float = 0.05, finish_after: float | None = None,
-                   exit_code: int = 0, match: PodFilter | None = None) -> None:
+                   exit_code: int = 0, match: PodFilter | None = None, terminating_for: float = 0.05) -> None:
         """In the background, run every Pending pod (existing or new, and matching ``match``) after
         ``running_after`` seconds; then, if ``finish_after`` is given, end it with ``exit_code`` (0:
-        Succeeded, else Failed) that much later. Pods a test moved on meanwhile are left alone."""
+        Succeeded, else Failed) that much later. Pods a test moved on meanwhile are left alone.
+        Terminating pods (``graceful_pod_deletion``) matching ``match`` are finished ``terminating_for``
+        seconds after their deletion (at most their grace period) unless the node is lost."""
         if self._auto_task is not None:
             raise RuntimeError("the automatic kubelet is already running")
-        self._auto_task = asyncio.create_task(self._auto(running_after, finish_after, exit_code, match))
+        self._auto_task = asyncio.create_task(self._auto(running_after, finish_after, exit_code, match,
+                                                         terminating_for))
 
     async def stop_auto(self) -> None:
         await cancel_all([self._auto_task, *self._pod_tasks])
         self._auto_task = None
         self._pod_tasks.clear()
+        self._terminations.clear()
 
     async def _auto(self, running_after: float, finish_after: float | None, exit_code: int,
-                    match: PodFilter | None) -> None:
+                    match: PodFilter | None, terminating_for: float) -> None:
         changes = self.kube.changes(PODS)  # subscribe before scanning, so no pod slips in between
         for pod in self.kube.list(PODS):
             self._adopt(pod, running_after, finish_after, exit_code, match)
+            self._adopt_termination(pod, terminating_for, match)
         async for change in changes:
             if change.type in ("ADDED", "MODIFIED"):  # MODIFIED: its last scheduling gate may be gone
                 self._adopt(change.object, running_after, finish_after, exit_code, match)
+            if change.type == "MODIFIED":
+                self._adopt_termination(change.object, terminating_for, match)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._pod_tasks.add(task)
+        task.add_done_callback(self._pod_tasks.discard)
+
+    def _adopt_termination(self, pod: JSON, terminating_for: float, match: PodFilter | None) -> None:
+        meta = pod["metadata"]
+        if not waits_for_kubelet(pod) or meta["uid"] in self._terminations or (match is not None and not match(pod)):
+            return
+        self._terminations.add(meta["uid"])
+        self._spawn(self._finish_later(meta["name"], meta["namespace"], meta["uid"],
+                                       min(terminating_for, meta["deletionGracePeriodSeconds"])))
+
+    async def _finish_later(self, name: str, namespace: str, uid: str, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            pod = self.kube.get(PODS, name, namespace)
+            if not self.node_lost and pod is not None and pod["metadata"]["uid"] == uid and waits_for_kubelet(pod):
+                self.finish_termination(name, namespace)
+        finally:
+            self._terminations.discard(uid)
 
     def _adopt(self, pod: JSON, running_after: float, finish_after: float | None, exit_code: int,
                match: PodFilter | None) -> None:
@@ -194,12 +254,12 @@ class Kubelet:
                 or pod["metadata"].get("deletionTimestamp") or (match is not None and not match(pod)):
             return
         self._adopted.add(pod["metadata"]["uid"])
-        task = asyncio.create_task(self._lifecycle(pod["metadata"]["name"], pod["metadata"]["namespace"],
-                                                   pod["metadata"]["uid"], running_after, finish_after, exit_code))
-        self._pod_tasks.add(task)
-        task.add_done_callback(self._pod_tasks.discard)
+        self._spawn(self._lifecycle(pod["metadata"]["name"], pod["metadata"]["namespace"], pod["metadata"]["uid"],
+                                    running_after, finish_after, exit_code))
 
     def _still(self, name: str, namespace: str, uid: str, phase: str) -> bool:
+        if self.node_lost:
+            return False
         pod = self.kube.get(PODS, name, namespace)
         if pod is None or pod["metadata"]["uid"] != uid or pod["metadata"].get("deletionTimestamp"):
             return False

@@ -15,12 +15,16 @@ can tell from inside its pod:
   TMPDIR, per pod; a missing Secret or key keeps the container waiting in ``CreateContainerConfigError``;
 - phases ``Pending`` → ``Running`` → ``Succeeded``/``Failed``, with container statuses and exit codes
   (a process killed by signal N exits ``128+N``, as a container runtime reports it);
-- when the pod is deleted, SIGTERM to the process group, then SIGKILL after the pod's
-  ``terminationGracePeriodSeconds`` (default 30).
+- when the pod is deleted, SIGTERM to the process group, then SIGKILL after the deletion's grace period
+  (``deletionGracePeriodSeconds``, else the pod's ``terminationGracePeriodSeconds``, default 30);
+- with ``kube.graceful_pod_deletion``, a Terminating pod is removed (a delete with grace 0, as a kubelet
+  sends) once its process has exited, or at once if it has none; ``lose(name)`` declares that pod's node
+  lost: its process is still killed on deletion, but no status is written after it exits and the pod
+  stays Terminating (until a test force-deletes it).
 
 Not emulated: volume mounts, init and sidecar containers (only the worker container runs), resource
 limits, probes, restarts (worker pods are ``restartPolicy: Never``). ``stop()`` ends every process it
-started. It writes only pods' status and may not create, change or delete anything else.
+started. It writes only pods' status, deletes only Terminating pods, and may not touch anything else.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from environments_operator.devcluster.kubelet import (
     Kubelet,
     cancel_all,
     condition,
+    waits_for_kubelet,
 )
 
 LOCAL_COMMAND = "environments-operator"
@@ -120,6 +125,7 @@ class ProcessKubelet:
         self._watcher: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Task[None]] = {}  # pods waiting for a Secret, by uid
         self._gated: set[str] = set()
+        self.lost: set[str] = set()  # names of pods whose node is lost (see ``lose``)
 
     # --- lifecycle of the kubelet itself ------------------------------------------------------------------
 
@@ -146,6 +152,12 @@ class ProcessKubelet:
                 with contextlib.suppress(asyncio.CancelledError):
                     await pod.waiter
 
+    def lose(self, name: str) -> None:
+        """Declare the node of pod ``name`` lost: when the pod is deleted its process is still killed (no
+        process outlives the test), but nothing is reported any more: no exit status, and a graceful
+        deletion is never finished, so the pod stays Terminating."""
+        self.lost.add(name)
+
     def log(self, name: str) -> str:
         """Everything the pod's process printed, for pods started by this kubelet."""
         path = self.root / name / "container.log"
@@ -166,7 +178,9 @@ class ProcessKubelet:
     async def _consider(self, pod: JSON) -> None:
         uid = pod["metadata"]["uid"]
         if pod["metadata"].get("deletionTimestamp"):
-            self._terminate(uid)
+            self._terminate(uid, pod["metadata"].get("deletionGracePeriodSeconds"))
+            if uid not in self.processes:
+                self._finish_deletion(pod["metadata"]["name"], pod["metadata"]["namespace"], uid)
             return
         if uid in self.processes or uid in self._pending or pod.get("status", {}).get("phase") != "Pending":
             return
@@ -263,7 +277,7 @@ class ProcessKubelet:
         self.exit_codes[running.name] = exit_code
         self.processes.pop(running.uid, None)
         pod = self.kube.get(PODS, running.name, running.namespace)
-        if pod is None or pod["metadata"]["uid"] != running.uid:
+        if pod is None or pod["metadata"]["uid"] != running.uid or running.name in self.lost:
             return
         with contextlib.suppress(ApiError, LookupError):
             if exit_code == 0:
@@ -271,8 +285,17 @@ class ProcessKubelet:
             else:
                 reason = "OOMKilled" if exit_code == 137 and not running.terminating else "Error"
                 self._status.fail(running.name, running.namespace, exit_code=exit_code, reason=reason)
+        self._finish_deletion(running.name, running.namespace, running.uid)
 
-    def _terminate(self, uid: str) -> None:
+    def _finish_deletion(self, name: str, namespace: str, uid: str) -> None:
+        """Remove a Terminating pod that no process of ours runs for any more (``graceful_pod_deletion``)."""
+        pod = self.kube.get(PODS, name, namespace)
+        if name in self.lost or pod is None or pod["metadata"]["uid"] != uid or not waits_for_kubelet(pod):
+            return
+        with contextlib.suppress(ApiError, LookupError):
+            self.kube.delete(PODS, name, namespace, grace_period_seconds=0)
+
+    def _terminate(self, uid: str, grace_seconds: float | None = None) -> None:
         pending = self._pending.pop(uid, None)
         if pending is not None:
             pending.cancel()
@@ -281,7 +304,8 @@ class ProcessKubelet:
             return
         running.terminating = True
         self._signal(running, signal.SIGTERM)
-        asyncio.get_running_loop().call_later(running.grace_seconds, self._signal, running, signal.SIGKILL)
+        asyncio.get_running_loop().call_later(grace_seconds or running.grace_seconds, self._signal, running,
+                                              signal.SIGKILL)
 
     @staticmethod
     def _signal(running: PodProcess, signum: int) -> None:
