@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -403,3 +404,29 @@ async def test_without_graceful_mode_or_once_finished_a_deleted_pod_is_gone_at_o
     kube.create(ENVIRONMENTS, environment("e1"), NS)
     kube.delete(ENVIRONMENTS, "e1", NS)
     assert kube.get(ENVIRONMENTS, "e1", NS) is None  # only pods are deleted gracefully
+
+
+async def test_a_delayed_create_is_applied_and_answered_only_after_the_delay(kube: Kube) -> None:
+    delay = kube.delay("create", PODS, 0.5, times=1)
+    started = time.monotonic()
+    request = asyncio.create_task(http(kube, "POST", PODS.path(NS), {"metadata": {"name": "slow"}}))
+    await asyncio.sleep(0.3)
+    assert not request.done() and kube.get(PODS, "slow", NS) is None  # not admitted yet
+    assert (await request)[0] == 201
+    assert time.monotonic() - started >= 0.5 and kube.get(PODS, "slow", NS) is not None
+    started = time.monotonic()
+    assert (await http(kube, "POST", PODS.path(NS), {"metadata": {"name": "fast"}}))[0] == 201
+    assert time.monotonic() - started < 0.3 and delay.hits == 1  # used up
+
+
+async def test_a_delay_matches_like_a_fault_and_comes_before_one(kube: Kube) -> None:
+    kube.create(ENVIRONMENTS, environment("e1"), NS)
+    kube.delay("patch", ENVIRONMENTS, 0.3, subresource="status")  # every status write, from now on
+    kube.fail("patch", ENVIRONMENTS, code=500, subresource="status", times=1)
+    timings = []
+    for path in (ENVIRONMENTS.path(NS, "e1", "status"), ENVIRONMENTS.path(NS, "e1"),
+                 ENVIRONMENTS.path(NS, "e1", "status")):
+        started = time.monotonic()
+        status, _ = await http(kube, "PATCH", path, {"metadata": {"labels": {"a": "b"}}}, MERGE)
+        timings.append((status, time.monotonic() - started >= 0.3))
+    assert timings == [(500, True), (200, False), (200, True)]  # slow, then failed; the main resource: fast

@@ -9,6 +9,7 @@ and are never recorded as operator requests.
     obj = await kube.wait_for(ENVIRONMENTS, "e1", lambda o: o and o.get("status"), namespace="ns")
     kube.fail("create", PODS, code=403, message="exceeded quota", times=2)     # the next 2 pod creations
     hold = kube.hold("create", PODS)                                            # stall the next creation
+    kube.delay("patch", ENVIRONMENTS, 0.5, subresource="status")                # slow status writes
     kube.break_watches(PODS); kube.compact(PODS)    # end pod watches; resumed ones then get 410 Gone
     assert RbacUse("", "pods", "create") in kube.rbac_uses()
 
@@ -36,8 +37,9 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
 - printing: the ``Table`` that ``kubectl get`` asks for, with a CRD's printer columns (``tables``);
 - errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...);
 - watch faults, on request only: ``Kube.compact`` (a watch from a compacted resourceVersion gets one ERROR
-  event with a 410 Expired Status, then the stream ends) and ``Kube.break_watches`` (open streams end now).
-Not emulated: garbage collection (ownerReferences), admission, RBAC enforcement, server-side apply,
+  event with a 410 Expired Status, then the stream ends) and ``Kube.break_watches`` (open streams end now);
+- slow calls, on request only: ``Kube.delay`` answers (and applies) matching requests only after a while.
+Not emulated: garbage collection (ownerReferences), admission (but for ``delay``), RBAC enforcement, server-side apply,
 graceful pod termination by default (a deleted pod without finalizers is gone at once; in graceful mode,
 the immediate deletion of unscheduled pods, as the fake's kubelets never set ``spec.nodeName``),
 ``limit``/``continue``,
@@ -217,6 +219,16 @@ class Fault(_Matcher):
 
 
 @dataclasses.dataclass
+class Delay(_Matcher):
+    """Slows matching requests down; see ``Kube.delay``."""
+
+    seconds: float = 0.0
+
+    def remove(self) -> None:
+        self.times = 0
+
+
+@dataclasses.dataclass
 class Hold(_Matcher):
     """Stalls matching requests until released; see ``Kube.hold``."""
 
@@ -307,6 +319,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
     calls: list[ApiCall] = attrs.field(factory=list, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
     holds: list[Hold] = attrs.field(factory=list, init=False)
+    delays: list[Delay] = attrs.field(factory=list, init=False)
     pruned: list[PrunedField] = attrs.field(factory=list, init=False)
     harness_errors: list[Exception] = attrs.field(factory=list, init=False)
     _declared: dict[tuple[str, str, str], Resource] = attrs.field(factory=dict, init=False)
@@ -316,6 +329,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
     _revision: int = attrs.field(default=1, init=False)
     _pulse: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _closing: bool = attrs.field(default=False, init=False)
+    _closed: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)  # ends delays at shutdown
     open_watches: int = attrs.field(default=0, init=False)  # streams being served now (a dead client's end)
     _streams: set[_WatchStream] = attrs.field(factory=set, init=False)
     # Pods deleted with a grace period stay Terminating until a grace-0 delete (see ``delete_object``).
@@ -361,6 +375,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
     def close(self) -> None:
         """End every watch stream and hold, so that the HTTP server can shut down at once."""
         self._closing = True
+        self._closed.set()
         for hold in self.holds:
             hold.release()
         self.notify()
@@ -401,6 +416,11 @@ class FakeApiServer(kmock.KubernetesEmulator):
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
 
+        delay = next((d for d in self.delays if d.matches(call)), None)
+        if delay is not None:  # before anything else, as a slow admission webhook or a slow etcd would be
+            delay.hits += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), delay.seconds)
         fault = next((f for f in self.faults if f.matches(call) and (f.when is None or f.when(payload))), None)
         if fault is not None:
             fault.hits += 1
@@ -1069,11 +1089,22 @@ class Kube:
         ``compact()``, then release the hold: the resumed watches get 410 and must re-list."""
         return self.server.break_watches(resource)
 
+    def delay(self, verb: str, resource: Resource, seconds: float, *, times: int | None = None,
+              namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> Delay:
+        """Answer the next ``times`` matching operator requests (every one if None) only after ``seconds``,
+        as a slow admission webhook would: a write is applied only then, and a fault or hold that also
+        matches acts after the delay. Matching as in ``fail``; ``delay.remove()`` ends it."""
+        delay = Delay(verb, resource, namespace, name, subresource, times, seconds=seconds)
+        self.server.delays.append(delay)
+        return delay
+
     def clear_faults(self) -> None:
+        """Remove every fault, hold and delay (holds are released)."""
         for hold in self.server.holds:
             hold.release()
         self.server.faults.clear()
         self.server.holds.clear()
+        self.server.delays.clear()
 
     # --- the record ---------------------------------------------------------------------------------------
 
