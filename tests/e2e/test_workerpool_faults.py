@@ -267,3 +267,58 @@ async def test_a_redelivered_item_gets_the_secret_of_its_latest_delivery(workerp
     current = world.kube.get(SECRETS, secret_name, world.namespace)
     assert current is not None
     assert base64.b64decode(current["data"]["work-secret"]).decode() == world.emulator.state.work[work_id].secret
+
+
+# ----- 3. a pod deleted while the pod watch is broken ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("workerpool_operator_environment", [{"ENVIRONMENTS_OPERATOR_POD_RELIST_SECONDS": "1"}])
+async def test_a_pod_deleted_while_the_pod_watch_was_broken_is_noticed_and_its_item_stopped(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """The pod watch drops; the pod is deleted meanwhile; the resumed watch gets 410 Gone and kopf relists,
+    which produces no DELETED event. Before, the index kept the pod forever: its slot leaked, its item was
+    never force-stopped and its Secret (a sessions token) never swept. Now a list of the pool's pods finds
+    it gone."""
+    world = workerpool_world
+    (work_id,) = world.enqueue(1)
+    world.create_pool(maxWorkers=1)
+    pod = await wait_released(world, work_id)
+    name = pod["metadata"]["name"]
+    world.kubelet.run(name, world.namespace)
+    await world.kube.wait_until(lambda: (world.pool() or {}).get("status", {}).get("workers", {}).get("running") == 1,
+                                message="the pool counting its running pod")
+    watches = world.kube.hold("watch", PODS, apply_first=False, times=None)
+    world.kube.break_watches(PODS)
+    await watches.wait_arrived()  # kopf is reconnecting, from the resourceVersion it had
+    world.kubelet.vanish(name, world.namespace)
+    world.kube.compact(PODS)
+    watches.release()  # the resumed watch is answered 410 Gone: kopf relists
+    await world.wait_event("WorkerVanished", timeout=15)
+    await world.kube.wait_until(lambda: world.work_state(work_id) == "stopped", timeout=15,
+                                message=lambda: f"the item force-stopped ({world.work_state(work_id)})")
+    (second,) = world.enqueue(1)  # the slot is free again: maxWorkers 1
+    await world.wait_work_state([second], "starting", timeout=15)
+
+
+# ----- 5. a pod stuck Terminating ------------------------------------------------------------------------------
+
+
+async def test_a_pod_stuck_terminating_is_force_deleted_and_its_item_gets_a_fresh_pod(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """The pod's node is gone: deleted, it stays Terminating. Before, each re-offer of its item deleted it
+    again (a no-op) and skipped the ack, so the item was never served and the pod held a slot forever."""
+    world = workerpool_world
+    world.kube.graceful_pod_deletion = True
+    (work_id,) = world.enqueue(1)
+    world.create_pool(maxWorkers=1, template={"spec": {"terminationGracePeriodSeconds": 2}})
+    pod = await wait_released(world, work_id)
+    name = pod["metadata"]["name"]
+    world.kubelet.run(name, world.namespace)
+    world.kubelet.lose_node()
+    world.kube.delete(PODS, name, world.namespace)  # a drain, or someone cleaning up: graceful, 2 s
+    world.emulator.state.expire_lease(work_id)  # its worker is gone with the node
+    await world.wait_event("WorkerForceDeleted", timeout=15)
+    fresh = await world.kube.wait_until(
+        lambda: (p := world.pod_for(work_id)) is not None and p["metadata"]["uid"] != pod["metadata"]["uid"]
+        and not gated(p) and p, timeout=15, message="a fresh pod for the item")
+    assert fresh and len(world.acks(work_id)) == 2 and world.work_state(work_id) == "starting"
