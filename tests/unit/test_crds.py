@@ -84,8 +84,13 @@ def test_printer_columns() -> None:
     def names(kind: str) -> list[str]:
         return [c["name"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]
 
-    assert names("Environment") == ["Remote ID", "Type", "Ready", "Age"]
-    assert names("WorkerPool") == ["Environment", "Running", "Queued", "Ready", "Age"]
+    def wide(kind: str) -> list[str]:
+        return [c["name"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"] if c.get("priority")]
+
+    assert names("Environment") == ["Remote ID", "Type", "Ready", "Reason", "Age"]
+    assert names("WorkerPool") == ["Environment", "Max", "Running", "Starting", "Queued", "Ready", "Reason", "Min",
+                                   "Failed", "Desired", "Suspended", "Age"]
+    assert wide("WorkerPool") == ["Min", "Failed", "Desired", "Suspended"]  # -o wide
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)

@@ -482,3 +482,26 @@ def test_existing_pod_action(pod: WorkerPodView, action: str) -> None:
 )
 def test_unreleased_pod_action(state: str | None, age: float, action: str) -> None:
     assert unreleased_pod_action(state, age_seconds=age, startup_timeout_seconds=60) == action
+
+
+def _ready(status: str, reason: str, message: str = "m") -> list[dict[str, Any]]:
+    return [{"type": "Ready", "status": status, "reason": reason, "message": message}]
+
+
+@pytest.mark.parametrize(("before", "after", "event"), [
+    (None, _ready("False", "EnvironmentKeyUnavailable", "no key"), ("Warning", "EnvironmentKeyUnavailable", "no key")),
+    (_ready("True", "Serving"), _ready("False", "WorkQueueUnavailable", "x"), ("Warning", "WorkQueueUnavailable", "x")),
+    (_ready("False", "EnvironmentNotFound"), _ready("False", "EnvironmentKeyUnavailable", "k"),
+     ("Warning", "EnvironmentKeyUnavailable", "k")),                             # a new reason: a new Event
+    (_ready("False", "EnvironmentKeyUnavailable"), _ready("False", "EnvironmentKeyUnavailable"), None),  # no repeats
+    (None, _ready("False", "Suspended", "s"), ("Normal", "Suspended", "s")),    # deliberate: not a warning
+    (_ready("False", "Suspended"), _ready("True", "Serving", "serving q"),
+     ("Normal", "Serving", "ready again (was Suspended): serving q")),
+    (None, _ready("True", "Serving"), None),                                     # a new pool that just works
+    (_ready("True", "Serving"), _ready("True", "Serving"), None),
+])
+def test_ready_event(before: list[dict[str, Any]] | None, after: list[dict[str, Any]],
+                     event: tuple[str, str, str] | None) -> None:
+    from environments_operator.domain.dispatch import ready_event
+
+    assert ready_event(before, after) == event  # type: ignore[arg-type]

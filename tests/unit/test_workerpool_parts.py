@@ -335,6 +335,8 @@ async def test_loop_reports_an_invalid_spec_and_looks_again_on_the_blocked_beat(
     memo = {"kube": kube, "settings": load_settings({}), WAKERS: {}}
     body: Any = {"metadata": {"namespace": NS, "name": POOL, "uid": "u", "generation": 2}, "spec": {"maxWorkers": 0}}
     dispatcher = PoolDispatcher(body=body, memo=memo, logger=_logger(), environments={}, pods={})  # type: ignore[arg-type]
+    events: list[tuple[str, str]] = []
+    dispatcher.ctx.event = lambda type_, reason, message: events.append((type_, reason))  # type: ignore[method-assign]
     nap = await dispatcher.reconcile()
     assert nap == BLOCKED_RETRY_SECONDS
     (status,) = kube.statuses
@@ -343,6 +345,7 @@ async def test_loop_reports_an_invalid_spec_and_looks_again_on_the_blocked_beat(
     assert status["observedGeneration"] == 2
     await dispatcher.reconcile()
     assert len(kube.statuses) == 1  # nothing changed: nothing written
+    assert events == [("Warning", "InvalidSpec")]  # once, when the reason appeared
 
 
 # ----- cleanup of a deleted pool -----------------------------------------------------------------------

@@ -178,6 +178,11 @@ class WorkQueue:
                 return None
         return UNKNOWN_STATE
 
+    async def update_metadata(self, work_id: str, metadata: dict[str, str | None]) -> None:
+        """Merge ``metadata`` into the item's (``work.update``; this call takes an API key, not the environment key)."""
+        await self._with_retries("work.update", lambda: self._work.update(
+            work_id, environment_id=self.environment_id, metadata=metadata))
+
     async def stats(self) -> QueueStatus:
         try:
             stats = await self._work.stats(self.environment_id)

@@ -72,6 +72,14 @@ def _condition_type_column(condition: str) -> JSON:
     }
 
 
+def _condition_reason_column(condition: str, name: str = "Reason") -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "string",
+        "jsonPath": f'.status.conditions[?(@.type=="{condition}")].reason',
+    }
+
+
 _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 
 
@@ -133,6 +141,7 @@ def environment_crd() -> JSON:
             {"name": "Remote ID", "type": "string", "jsonPath": ".status.id"},
             {"name": "Type", "type": "string", "jsonPath": ".spec.config.type"},
             _condition_type_column("Ready"),
+            _condition_reason_column("Ready"),
             _AGE,
         ],
     )
@@ -145,9 +154,16 @@ def workerpool_crd() -> JSON:
         spec_model=workerpool.WorkerPoolSpec, status_model=workerpool.WorkerPoolStatus,
         columns=[
             {"name": "Environment", "type": "string", "jsonPath": ".status.environmentId"},
+            {"name": "Max", "type": "integer", "jsonPath": ".spec.maxWorkers"},
             {"name": "Running", "type": "integer", "jsonPath": ".status.workers.running"},
+            {"name": "Starting", "type": "integer", "jsonPath": ".status.workers.starting"},
             {"name": "Queued", "type": "integer", "jsonPath": ".status.queue.depth"},
             _condition_type_column("Ready"),
+            _condition_reason_column("Ready"),
+            {"name": "Min", "type": "integer", "jsonPath": ".spec.minWorkers", "priority": 1},
+            {"name": "Failed", "type": "integer", "jsonPath": ".status.workers.failed", "priority": 1},
+            {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredWorkers", "priority": 1},
+            {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "priority": 1},
             _AGE,
         ],
     )

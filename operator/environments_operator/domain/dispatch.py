@@ -71,6 +71,7 @@ ENVIRONMENT_KEY_REJECTED = "EnvironmentKeyRejected"
 POLL_REJECTED = "PollRejected"
 WORK_QUEUE_UNAVAILABLE = "WorkQueueUnavailable"
 DELETING = "Deleting"
+SUSPENDED = "Suspended"
 # Ready=True, AtCapacity, DispatchFailing=False.
 SERVING = "Serving"
 MAX_WORKERS_REACHED = "MaxWorkersReached"
@@ -357,6 +358,33 @@ def existing_pod_action(view: WorkerPodView) -> ExistingPodAction:
 
 
 # ----- status ---------------------------------------------------------------------------------------
+
+
+def suspended_blocker() -> Blocker:
+    return Blocker(SUSPENDED, "spec.suspend is true: no new work item is claimed; running sessions continue")
+
+
+def ready_event(previous: list[ConditionDict] | None, current: list[ConditionDict]) -> tuple[str, str, str] | None:
+    """The Event (type, reason, message) that a change of Ready deserves, if any.
+
+    A Warning when a ``Ready=False`` reason first appears (``Suspended``, being deliberate, is Normal), a
+    Normal ``Serving`` when the pool is Ready again after not being so; nothing while Ready stays as it
+    was, so a pool failing the same way for hours posts one Event, not one per pass.
+    """
+    def ready(conditions: list[ConditionDict] | None) -> ConditionDict | None:
+        return next((c for c in conditions or [] if c.get("type") == CONDITION_READY), None)
+
+    before, now = ready(previous), ready(current)
+    if now is None:
+        return None
+    if now.get("status") == "False":
+        if before is not None and before.get("status") == "False" and before.get("reason") == now.get("reason"):
+            return None
+        kind = "Normal" if now.get("reason") == SUSPENDED else "Warning"
+        return kind, str(now.get("reason")), str(now.get("message") or "")
+    if before is not None and before.get("status") == "False":
+        return "Normal", SERVING, f"ready again (was {before.get('reason')}): {now.get('message')}"
+    return None
 
 
 def worker_counts(views: Iterable[WorkerPodView]) -> WorkerCounts:

@@ -265,6 +265,16 @@ def _other_gates(spec: Mapping[str, Any]) -> list[JSON]:
     return [dict(gate) for gate in spec.get("schedulingGates") or [] if gate.get("name") != SCHEDULING_GATE]
 
 
+# Where an item runs, recorded in its metadata (``work.update``) once its pod is released.
+PLACEMENT_NAMESPACE, PLACEMENT_POD, PLACEMENT_POOL = (
+    "managedagents.dev/namespace", "managedagents.dev/pod", "managedagents.dev/worker-pool")
+
+
+def placement_metadata(namespace: str, pod_name: str, pool_name: str) -> dict[str, str | None]:
+    """The work item metadata that says where it runs: anyone reading the item through the API finds its sandbox."""
+    return {PLACEMENT_NAMESPACE: namespace, PLACEMENT_POD: pod_name, PLACEMENT_POOL: pool_name}
+
+
 def release_patch(gates: tuple[str, ...]) -> JSON:
     """The merge patch that removes our scheduling gate from a pod with ``gates`` and keeps every other
     (a merge patch replaces a list as a whole)."""

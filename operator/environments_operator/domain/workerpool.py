@@ -110,6 +110,12 @@ class WorkerPoolSpec(SpecModel):
         "message within that time is served by the same sandbox without a new work item; the pod holds its "
         "slot of maxWorkers meanwhile. 0 ends the pod as soon as the turn ends. Default 60, the SDK's.",
     )
+    suspend: bool = Field(
+        default=False,
+        description="true: claim no new work item (the queue keeps them); running sessions and their pods are "
+        "left alone, and Ready is False with reason Suspended. false again: the queue is picked up. Deleting a "
+        "suspended pool still force-stops its running sessions.",
+    )
     poll: PollSettings = Field(
         default_factory=PollSettings,
         # An object default lets the apiserver fill in blockMs and reclaimOlderThanMs when poll is omitted.

@@ -19,14 +19,16 @@ part asks it to delete a worker it must not keep).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from collections.abc import Callable
 
 from environments_operator import metrics
 from environments_operator.adapters.kube import KubeApiError
 from environments_operator.adapters.work_api import ClaimedWork, WorkApiError, WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.conditions import rfc3339
-from environments_operator.domain.dispatch import DispatchFailure
+from environments_operator.domain.dispatch import DispatchFailure, WorkerPodView
 from environments_operator.domain.pool_loop import (
     DISPATCH_BACKOFF_BASE_SECONDS,
     DISPATCH_BACKOFF_CAP_SECONDS,
@@ -40,6 +42,7 @@ from environments_operator.domain.worker_manifests import (
     WorkAssignment,
     build_work_secret,
     build_worker_pod,
+    placement_metadata,
 )
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
@@ -49,9 +52,12 @@ from environments_operator.handlers.workerpool.lifecycle import WorkerLifecycle
 class ItemDispatcher:
     """Turns one claimed item into its Secret and Pod, acknowledges it, and backs off when Kubernetes refuses."""
 
-    def __init__(self, ctx: PoolContext, lifecycle: WorkerLifecycle, *, last_dispatch_time: str | None) -> None:
+    def __init__(self, ctx: PoolContext, lifecycle: WorkerLifecycle, *, last_dispatch_time: str | None,
+                 placement_queue: Callable[[], WorkQueue | None] = lambda: None) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
+        self.placement_queue = placement_queue  # the API-key client that records where items run
+        self.background: set[asyncio.Task[None]] = set()
         self.backoff = Backoff()  # of refused creations; its problem is what DispatchFailing reports
         self.last_dispatch_time = last_dispatch_time
 
@@ -112,6 +118,7 @@ class ItemDispatcher:
         ctx.logger.info("work item %s of session %s dispatched to pod %s/%s (pool %s)",
                         item.work_id, item.session_id, ctx.namespace, view.name, ctx.name)
         metrics.ITEMS_DISPATCHED.labels(namespace=ctx.namespace, pool=ctx.name).inc()
+        self._record_placement(item.work_id, view)
         self.last_dispatch_time = rfc3339(utcnow())
         if self.backoff.attempts:
             self.backoff = self.backoff.succeeded()
@@ -167,6 +174,23 @@ class ItemDispatcher:
             await ctx.kube.delete_if_present("Secret", ctx.namespace, name, uid=existing["metadata"]["uid"])
         if await ctx.kube.create("Secret", ctx.namespace, manifest) is None:
             raise KubeApiError(409, "AlreadyExists", f"the Secret {name} was recreated concurrently")
+
+    def _record_placement(self, work_id: str, view: WorkerPodView) -> None:
+        """Write where the item runs into its metadata, in the background: off the dispatch's critical path."""
+        queue = self.placement_queue()
+        if queue is None:
+            return
+        metadata = placement_metadata(view.namespace or self.ctx.namespace, view.name, view.pool)
+
+        async def record() -> None:
+            try:
+                await queue.update_metadata(work_id, metadata)
+            except WorkApiError as exc:
+                self.ctx.logger.info("recording where work item %s runs failed: %s", work_id, exc)
+
+        task = asyncio.create_task(record(), name=f"workerpool-placement-{work_id}")
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     def _on_dispatch_failure(self, failure: DispatchFailure) -> None:
         ctx = self.ctx

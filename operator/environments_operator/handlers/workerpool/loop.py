@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import kopf
@@ -58,7 +59,8 @@ class PoolDispatcher:
         self.access = QueueAccess(ctx, environments=environments, before_replacing=self._before_replacing_queue)
         self.lifecycle = WorkerLifecycle(ctx, queue_for=self.access.queue_for)
         status = body.get("status") or {}
-        self.items = ItemDispatcher(ctx, self.lifecycle, last_dispatch_time=status.get("lastDispatchTime"))
+        self.items = ItemDispatcher(ctx, self.lifecycle, last_dispatch_time=status.get("lastDispatchTime"),
+                                    placement_queue=self.access.api_key_queue)
         self.pollers = PollerGroup(ctx, self.access, self.items)
 
         self.queue_status: QueueStatus | None = None
@@ -126,11 +128,15 @@ class PoolDispatcher:
         if isinstance(parsed, Blocker):
             ctx.spec, ctx.blocker = None, parsed
         else:
+            # Resolved even while suspended: the running pods' items may still need stopping.
             blocker = await self.access.resolve(parsed, now)
+            if blocker is None and parsed.suspend:
+                blocker = dispatch.suspended_blocker()
             ctx.spec, ctx.blocker = parsed, blocker
         if ctx.blocker is not None:
             if previous is None or previous.reason != ctx.blocker.reason:
-                ctx.logger.warning("WorkerPool cannot dispatch: %s", ctx.blocker.message)
+                level = logging.INFO if ctx.blocker.reason == dispatch.SUSPENDED else logging.WARNING
+                ctx.logger.log(level, "WorkerPool cannot dispatch: %s", ctx.blocker.message)
             self.pollers.cancel_polls()
         await self.lifecycle.relist_pods(now)
         views = ctx.views()
@@ -171,8 +177,9 @@ class PoolDispatcher:
 
     async def _refresh_stats(self, now: float) -> None:
         ctx, queue = self.ctx, self.access.queue
-        if queue is None or ctx.blocker is not None or ctx.spec is None:
-            return
+        suspended = ctx.blocker is not None and ctx.blocker.reason == dispatch.SUSPENDED
+        if queue is None or (ctx.blocker is not None and not suspended) or ctx.spec is None:
+            return  # a suspended pool still shows its backlog
         if self.stats_at is not None and now - self.stats_at < self._stats_interval():
             return
         self.stats_at = now
@@ -197,10 +204,14 @@ class PoolDispatcher:
             metrics.WORKER_PODS.labels(namespace=ctx.namespace, pool=ctx.name, phase=phase).set(count)
         depth = self.queue_status.depth if self.queue_status else None
         generation = (ctx.body.get("metadata") or {}).get("generation")
+        previous = self.conditions
         self.conditions = dispatch.pool_conditions(
             self.conditions, blocker=ctx.blocker or self.pollers.backoff.problem,
             environment_id=self.access.environment_id, max_workers=max_workers, active=active, depth=depth,
             dispatch_failure=self.items.backoff.problem, generation=generation, now=utcnow())
+        event = dispatch.ready_event(previous, self.conditions)
+        if event is not None:
+            ctx.event(*event)
         status = WorkerPoolStatus(
             environmentId=self.access.environment_id,
             observedGeneration=generation,

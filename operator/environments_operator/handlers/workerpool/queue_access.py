@@ -46,6 +46,19 @@ class QueueAccess:
         self.key_backoff = Backoff()  # of failed key reads; paused_until is when the Secret is read again
         self.retired: dict[str, WorkQueue] = {}  # environment id -> a client of an environment no longer served
         self.draining: list[WorkQueue] = []  # replaced clients of the current environment, until unused
+        self._api_key_queue: WorkQueue | None = None
+
+    def api_key_queue(self) -> WorkQueue | None:
+        """A client of the current environment authenticated by the operator's API key (None without one):
+        ``work.update`` takes an API key, not the environment key."""
+        api_key, environment_id = self.ctx.settings.api_key, self.environment_id
+        if not api_key or environment_id is None:
+            return None
+        if self._api_key_queue is None or self._api_key_queue.environment_id != environment_id:
+            if self._api_key_queue is not None:
+                self.draining.append(self._api_key_queue)
+            self._api_key_queue = self._client(environment_id, api_key)
+        return self._api_key_queue
 
     def queue_for(self, environment_id: str | None) -> WorkQueue | None:
         """The client that reaches the queue of ``environment_id`` (None: the one served now)."""
@@ -67,9 +80,9 @@ class QueueAccess:
                 await queue.close()
 
     async def close(self) -> None:
-        for queue in [*self.draining, *self.retired.values(), *([self.queue] if self.queue else [])]:
+        for queue in [*self.draining, *self.retired.values(), *(q for q in (self.queue, self._api_key_queue) if q)]:
             await queue.close()
-        self.draining, self.retired, self.queue = [], {}, None
+        self.draining, self.retired, self.queue, self._api_key_queue = [], {}, None, None
 
     def _client(self, environment_id: str, key: str) -> WorkQueue:
         return WorkQueue(environment_id=environment_id, environment_key=key, base_url=self.ctx.settings.base_url,
