@@ -143,8 +143,8 @@ class TestWhatKeepsAPodPending:
 
 class TestTermination:
     async def test_deleting_the_pod_sends_sigterm_to_its_process_group(self, kube: Kube, node: ProcessKubelet) -> None:
-        create_pod(kube, "victim", ["sh", "-c", "trap 'echo got-term; exit 143' TERM; sleep 60 & wait"])
-        await wait_phase(kube, "victim", "Running")
+        create_pod(kube, "victim", ["sh", "-c", "trap 'echo got-term; exit 143' TERM; echo ready; sleep 60 & wait"])
+        await kube.wait_until(lambda: "ready" in node.log("victim"))  # SIGTERM must not beat the trap
         kube.delete(PODS, "victim", NAMESPACE)
         await kube.wait_until(lambda: node.exit_codes.get("victim"), timeout=10)
         assert node.exit_codes["victim"] == 143
@@ -153,8 +153,9 @@ class TestTermination:
     async def test_a_process_that_ignores_sigterm_is_killed_after_the_grace_period(
         self, kube: Kube, node: ProcessKubelet
     ) -> None:
-        create_pod(kube, "stubborn", ["sh", "-c", "trap '' TERM; sleep 60"], terminationGracePeriodSeconds=1)
-        await wait_phase(kube, "stubborn", "Running")
+        create_pod(kube, "stubborn", ["sh", "-c", "trap '' TERM; echo ready; sleep 60"],
+                   terminationGracePeriodSeconds=1)
+        await kube.wait_until(lambda: "ready" in node.log("stubborn"))  # SIGTERM must not beat the trap
         kube.delete(PODS, "stubborn", NAMESPACE)
         await kube.wait_until(lambda: node.exit_codes.get("stubborn"), timeout=10)
         assert node.exit_codes["stubborn"] == 137  # SIGKILL: 128 + 9
