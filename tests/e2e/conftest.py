@@ -345,6 +345,20 @@ class WorkerPoolWorld:
             lambda: all(self.work_state(w) == state for w in work_ids), timeout=timeout,
             message=lambda: f"work items {state}: {[(w, self.work_state(w)) for w in work_ids][:5]}")
 
+    async def wait_released(self, work_ids: list[str], timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until each item's pod is released (its scheduling gate removed: from now on a kubelet may
+        run it); returns the pods. An item is ``starting`` a moment before: ack, then release."""
+        def released() -> list[dict[str, Any]] | None:
+            pods = [self.pod_for(work_id) for work_id in work_ids]
+            if all(pod is not None and not pod["spec"].get("schedulingGates") for pod in pods):
+                return [pod for pod in pods if pod is not None]
+            return None
+
+        found = await self.kube.wait_until(released, timeout=timeout,
+                                           message=lambda: f"the pods of {work_ids[:5]} released")
+        assert found is not None
+        return found
+
     def condition(self, type_: str, name: str = "pool") -> dict[str, Any] | None:
         obj = self.pool(name) or {}
         return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)

@@ -102,6 +102,7 @@ async def test_restart_rebuilds_the_view_from_the_labelled_pods(workerpool_world
     first = world.enqueue(2)
     world.create_pool(maxWorkers=2)
     await world.wait_work_state(first, "starting")
+    await world.wait_released(first)
     await world.operator.restart(abrupt=True)
 
     later = world.enqueue(1)

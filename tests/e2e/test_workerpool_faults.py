@@ -322,3 +322,22 @@ async def test_a_pod_stuck_terminating_is_force_deleted_and_its_item_gets_a_fres
         lambda: (p := world.pod_for(work_id)) is not None and p["metadata"]["uid"] != pod["metadata"]["uid"]
         and not gated(p) and p, timeout=15, message="a fresh pod for the item")
     assert fresh and len(world.acks(work_id)) == 2 and world.work_state(work_id) == "starting"
+
+
+async def test_an_operator_killed_between_the_ack_and_the_release_releases_the_pod_after_its_restart(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """The item is acknowledged, its pod still gated, and the operator dies: no worker can start, and the
+    item waits for one. After the restart the gated pod is found, the item's state read (starting), and
+    the pod released: served once, no second ack, no second pod."""
+    world = workerpool_world
+    world.kube.fail("patch", PODS, code=500, times=None)  # every release attempt fails
+    (work_id,) = world.enqueue(1)
+    world.create_pool()
+    await world.kube.wait_for_calls("patch", PODS, count=1)
+    assert world.work_state(work_id) == "starting" and gated(world.pod_for(work_id))
+    world.operator.kill()
+    world.kube.clear_faults()
+    await world.operator.start()
+    pod = await world.kube.wait_until(lambda: (p := world.pod_for(work_id)) is not None and not gated(p) and p,
+                                      timeout=30, message="the pod released after the restart")
+    assert pod and len(world.acks(work_id)) == 1 and len(world.pods()) == 1

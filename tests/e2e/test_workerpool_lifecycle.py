@@ -21,8 +21,8 @@ async def dispatched(world: WorkerPoolWorld, **pool: object) -> tuple[str, str, 
     """One item dispatched to a pod; returns (work ID, pod name, secret name)."""
     (work_id,) = world.enqueue(1)
     world.create_pool(**pool)
-    (pod,) = await world.wait_pods(1)
     await world.wait_work_state([work_id], "starting")
+    (pod,) = await world.wait_released([work_id])
     secret = pod["spec"]["containers"][0]["env"][3]["valueFrom"]["secretKeyRef"]["name"]
     return work_id, pod["metadata"]["name"], secret
 
@@ -93,6 +93,7 @@ async def test_deleting_the_pool_stops_dispatch_ends_its_workers_and_cleans_up(
     world.create_pool()
     await world.wait_pods(2)
     await world.wait_work_state([running, pending], "starting")
+    await world.wait_released([running, pending])
     running_pod = world.pod_for(running)
     assert running_pod is not None
     world.kubelet.run(running_pod["metadata"]["name"], world.namespace)
@@ -118,6 +119,7 @@ async def test_an_item_that_comes_back_after_its_pod_ended_gets_a_fresh_pod_unde
     # operator meets the ended pod, deletes it, and after the reclaim window dispatches a fresh one.
     world.emulator.state.expire_lease(work_id)
     await world.kube.wait_until(lambda: len(world.acks(work_id)) == 2, message="the item acknowledged again")
+    await world.wait_released([work_id])
     fresh = world.kube.get(PODS, pod, world.namespace)
     assert fresh is not None and (fresh.get("status") or {}).get("phase") in (None, "Pending")
 

@@ -39,8 +39,7 @@ async def test_a_suspended_pool_claims_nothing_leaves_running_sessions_alone_and
     (running,) = world.enqueue(1)
     world.create_pool()
     await world.wait_work_state([running], "starting")
-    pod = world.pod_for(running)
-    assert pod is not None
+    (pod,) = await world.wait_released([running])
     world.kubelet.run(pod["metadata"]["name"], world.namespace)
     world.kube.patch(WORKERPOOLS, "pool", {"spec": {"suspend": True}}, world.namespace)
     await world.wait_condition("Ready", "False", "Suspended")
