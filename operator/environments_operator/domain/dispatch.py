@@ -77,6 +77,9 @@ SERVING = "Serving"
 MAX_WORKERS_REACHED = "MaxWorkersReached"
 BELOW_CAPACITY = "BelowCapacity"
 DISPATCHING = "Dispatching"
+# Event reasons that are no condition's (a worker pod's own are in ``worker_lifecycle``).
+DISPATCH_FAILED = "DispatchFailed"
+WORK_ITEM_UNSERVABLE = "WorkItemUnservable"
 
 
 # ----- what the pool serves -------------------------------------------------------------------------

@@ -88,6 +88,10 @@ UNAUTHORIZED = "Unauthorized"
 RATE_LIMITED = "RateLimited"
 API_UNAVAILABLE = "ApiUnavailable"
 DELETION_BLOCKED = "DeletionBlocked"
+# Event reasons that are no condition's reason (the others above are both).
+INVALID_ANNOTATION = "InvalidAnnotation"
+ORPHANED = "Orphaned"
+DELETED = "Deleted"
 
 # Reasons that end the sync of a generation: only a new spec (a new generation) is tried again.
 TERMINAL_REASONS = frozenset({INVALID_SPEC, REJECTED, NOT_FOUND, TYPE_MISMATCH})

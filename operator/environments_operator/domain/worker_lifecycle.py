@@ -24,6 +24,13 @@ UNRELEASED_CHECK_AFTER_SECONDS = 10.0
 # Remember such names this long, far beyond the time a watch event needs to arrive.
 FORGET_DELETED_AFTER_SECONDS = 600.0
 
+# Warning Event reasons (and ``worker_lifecycle_total`` metric labels): how a worker pod ended abnormally.
+WORKER_START_TIMEOUT = "WorkerStartTimeout"
+WORKER_FAILED = "WorkerFailed"
+WORKER_VANISHED = "WorkerVanished"
+WORKER_FORCE_DELETED = "WorkerForceDeleted"
+WORKER_NEVER_RELEASED = "WorkerNeverReleased"
+
 
 @dataclass
 class PodMemory:

@@ -122,7 +122,7 @@ async def drift_check(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logge
         if complaint and complaint not in state.complaints:
             state.complaints.add(complaint)
             logger.warning("%s", complaint)
-            reconciler.event("Warning", "InvalidAnnotation", complaint)
+            reconciler.event("Warning", sync.INVALID_ANNOTATION, complaint)
         nap = min(max(interval, TIMER_REARM_SECONDS), TIMER_MAX_NAP_SECONDS)
         status = reconciler.status
         if sync.drift_check_blocker({**dict(body), "status": status}) is None:

@@ -25,7 +25,7 @@ async def end_remote_environment(reconciler: Reconciler, *, retry: int) -> None:
     if action == "release":
         return
     if action == "orphan":
-        reconciler.event("Normal", "Orphaned", f"left environment {environment_id} in place (deletionPolicy Orphan)")
+        reconciler.event("Normal", sync.ORPHANED, f"left environment {environment_id} in place (deletionPolicy Orphan)")
         return
     async with reconciler.state.lock:
         try:
@@ -66,5 +66,6 @@ async def end_remote_environment(reconciler: Reconciler, *, retry: int) -> None:
             reconciler.set_conditions([change])
             raise kopf.TemporaryError(message, delay=delay)
     done = "archived" if action == "archive" else "deleted"
-    reconciler.event("Normal", done.capitalize(), f"{done} environment {environment_id}")
+    reconciler.event("Normal", sync.ARCHIVED if action == "archive" else sync.DELETED,
+                     f"{done} environment {environment_id}")
     reconciler.logger.info("%s environment %s", done, environment_id)

@@ -75,7 +75,7 @@ class ItemDispatcher:
             message = (f"work item {item.work_id} carries no per-item secret, and worker pods never get the "
                        "environment key; the item is being force-stopped")
             ctx.logger.warning("%s", message)
-            ctx.event("Warning", "WorkItemUnservable", message)
+            ctx.event("Warning", dispatch.WORK_ITEM_UNSERVABLE, message)
             with contextlib.suppress(WorkApiError):
                 await queue.stop(item.work_id, force=True)
             return
@@ -201,6 +201,6 @@ class ItemDispatcher:
         self.backoff = self.backoff.failed(pause_until=ctx.now() + pause, problem=failure)
         ctx.logger.warning("%s (pausing dispatch for %.0fs)", failure.message, pause)
         if should_post_failure_event(failures=failures, reason_is_new=new):
-            ctx.event("Warning", "DispatchFailed", failure.message)
-        metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason="DispatchFailed").inc()
+            ctx.event("Warning", dispatch.DISPATCH_FAILED, failure.message)
+        metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason=dispatch.DISPATCH_FAILED).inc()
         ctx.wake.set()

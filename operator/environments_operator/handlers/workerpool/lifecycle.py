@@ -74,11 +74,11 @@ class WorkerLifecycle:
         actions: list[Coroutine[Any, Any, None]] = []
         for view in plan.timed_out:
             message = worker_lifecycle.start_timeout_message(view, startup_timeout)
-            self._report_and_owe_stop(view, "WorkerStartTimeout", message, then_delete=True)
+            self._report_and_owe_stop(view, worker_lifecycle.WORKER_START_TIMEOUT, message, then_delete=True)
         for view in plan.failed:
-            self._report_and_owe_stop(view, "WorkerFailed", worker_lifecycle.failed_message(view))
+            self._report_and_owe_stop(view, worker_lifecycle.WORKER_FAILED, worker_lifecycle.failed_message(view))
         for view in plan.vanished:
-            self._report_and_owe_stop(view, "WorkerVanished", worker_lifecycle.vanished_message(view))
+            self._report_and_owe_stop(view, worker_lifecycle.WORKER_VANISHED, worker_lifecycle.vanished_message(view))
             actions.append(ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
         for view in plan.expired:
             if view.work_id not in self.pending_stops:  # a failed pod stays until its item is stopped
@@ -94,7 +94,8 @@ class WorkerLifecycle:
         for view in plan.stuck_terminating:
             if view.uid not in self.force_deleted:
                 self.force_deleted.add(view.uid)
-                self._report(view, "WorkerForceDeleted", worker_lifecycle.stuck_terminating_message(view))
+                self._report(view, worker_lifecycle.WORKER_FORCE_DELETED,
+                             worker_lifecycle.stuck_terminating_message(view))
             actions.append(ctx.delete_quietly("Pod", view.name, uid=view.uid, grace_period_seconds=0))
         self.force_deleted &= {view.uid for view in views}
         if self.pending_stops and ctx.now() >= self.stop_backoff.paused_until:
@@ -123,7 +124,8 @@ class WorkerLifecycle:
             await self.release(view)
         elif action == "delete":
             if state == "queued":
-                self._report(view, "WorkerNeverReleased", worker_lifecycle.abandoned_message(view, startup_timeout))
+                self._report(view, worker_lifecycle.WORKER_NEVER_RELEASED,
+                             worker_lifecycle.abandoned_message(view, startup_timeout))
             else:
                 self.ctx.logger.info("deleting gated pod %s: its work item %s is %s", view.name, view.work_id,
                                      state or "gone")
