@@ -596,22 +596,6 @@ def test_emulator_mode_points_the_operator_and_workers_at_the_emulator(scenario:
     assert settings.api_key == "from-a-reference"  # the emulator accepts any non-empty key
 
 
-def test_notes_tell_the_user_what_to_apply_next() -> None:
-    notes = render_files(SCENARIOS["emulator"])["environments-operator/templates/NOTES.txt"]
-    assert "kubectl apply -f crds/" in notes
-    assert "kubectl apply -f crds/examples/environment-self-hosted.yaml" in notes
-    assert "kubectl apply -f crds/examples/workerpool.yaml" in notes
-    assert f"port-forward service/{FULLNAME}-emulator" in notes
-    # The Secrets the notes create are the ones the samples reference (and the samples need them).
-    examples = ROOT / "crds" / "examples"
-    for example, field in (("environment-self-hosted.yaml", "apiKeySecretRef"),
-                           ("workerpool.yaml", "environmentKeySecretRef")):
-        sample = load_yaml(examples / example)
-        ref = sample["spec"][field]
-        assert (f"kubectl -n {sample['metadata']['namespace']} create secret generic {ref['name']} "
-                f"--from-literal={ref['key']}=") in notes
-
-
 # ---- documentation -------------------------------------------------------------------------------
 
 def _documented_values() -> list[str]:
