@@ -474,7 +474,8 @@ def fill(text: str, blocks: Mapping[str, str], page: str) -> str:
         end = text.find(END, match.end())
         if end < 0:
             raise PageError(f"{page}: block {name!r} has no {END!r}")
-        out += [text[position:match.end()], blocks[name]]
+        # Blank lines around the body, so that Markdown never reads a table into the comments' lines.
+        out += [text[position:match.end()], "\n", blocks[name], "\n"]
         seen.append(name)
         position = end
     out.append(text[position:])

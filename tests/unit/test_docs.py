@@ -8,6 +8,8 @@ import importlib
 import itertools
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,12 @@ def _copy_of_the_pages(tmp_path: Path) -> Path:
         shutil.copy(ROOT / docs_gen.CHART_DIR / name, tmp_path / docs_gen.CHART_DIR / name)
     assert docs_gen.main(["--root", str(tmp_path)]) == 0  # up to date, whatever the real pages are
     return tmp_path
+
+
+def test_the_documented_command_checks_the_checkout() -> None:
+    result = subprocess.run([sys.executable, "-m", "environments_operator.docs_gen", "--check"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, "")
 
 
 def test_a_changed_description_makes_its_page_stale(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
