@@ -486,15 +486,23 @@ def fill(text: str, blocks: Mapping[str, str], page: str) -> str:
     return "".join(out)
 
 
+ENVIRONMENT_PAGE = Path("docs") / "environment.md"
+WORKER_POOL_PAGE = Path("docs") / "workerpool.md"
+CHART_README = CHART_DIR / "README.md"
+PAGES = (ENVIRONMENT_PAGE, WORKER_POOL_PAGE, CHART_README)
+
+
+def blocks_of(page: Path, root: Path) -> dict[str, str]:
+    """The generated blocks of one of ``PAGES``, by name."""
+    if page == CHART_README:
+        return chart_blocks(root)
+    return resource_blocks(ENVIRONMENT if page == ENVIRONMENT_PAGE else WORKER_POOL)
+
+
 def pages(root: Path) -> dict[Path, str]:
     """Each generated page (relative to ``root``) with its blocks filled in as they should be."""
-    wanted: dict[Path, dict[str, str]] = {
-        Path("docs") / "environment.md": resource_blocks(ENVIRONMENT),
-        Path("docs") / "workerpool.md": resource_blocks(WORKER_POOL),
-        CHART_DIR / "README.md": chart_blocks(root),
-    }
-    return {path: fill((root / path).read_text(encoding="utf-8"), blocks, str(path))
-            for path, blocks in wanted.items()}
+    return {page: fill((root / page).read_text(encoding="utf-8"), blocks_of(page, root), str(page))
+            for page in PAGES}
 
 
 def stale_pages(root: Path) -> list[Path]:

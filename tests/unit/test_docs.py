@@ -28,7 +28,7 @@ from environments_operator.domain.workerpool import WorkerPoolSpec
 ROOT = Path(__file__).resolve().parents[2]
 HANDLERS = ROOT / "operator" / "environments_operator" / "handlers"
 ENVIRONMENT, WORKER_POOL = "Environment", "WorkerPool"
-PAGES = sorted(str(path) for path in docs_gen.pages(ROOT))
+PAGES = [str(page) for page in docs_gen.PAGES]
 REGENERATE = "run: python -m environments_operator.docs_gen"
 
 
@@ -37,7 +37,7 @@ REGENERATE = "run: python -m environments_operator.docs_gen"
 
 @pytest.mark.parametrize("page", PAGES)
 def test_generated_blocks_are_up_to_date(page: str) -> None:
-    expected = docs_gen.pages(ROOT)[Path(page)]
+    expected = docs_gen.fill((ROOT / page).read_text(encoding="utf-8"), docs_gen.blocks_of(Path(page), ROOT), page)
     assert (ROOT / page).read_text(encoding="utf-8") == expected, f"{page} is stale; {REGENERATE}"
 
 
