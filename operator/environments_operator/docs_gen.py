@@ -139,6 +139,8 @@ CONDITIONS: dict[str, list[Reason]] = {
         Reason(dispatch.CONDITION_READY, "False", dispatch.WORK_QUEUE_UNAVAILABLE,
                f"{dispatch.POLL_FAILURES_BEFORE_NOT_READY} or more polls in a row failed (5xx, 429, no answer); "
                "polling goes on with jittered backoff."),
+        Reason(dispatch.CONDITION_READY, "False", dispatch.SUSPENDED, "`spec.suspend` is true: no new work item is "
+               "claimed; running sessions and their pods continue, and the queue's depth is still shown."),
         Reason(dispatch.CONDITION_READY, "False", dispatch.DELETING, "The pool is being deleted: its workers' items "
                "are stopped and its pods and Secrets deleted."),
         Reason(dispatch.CONDITION_AT_CAPACITY, "True", dispatch.MAX_WORKERS_REACHED, "Unfinished worker pods reached "
@@ -160,6 +162,11 @@ CONDITIONS: dict[str, list[Reason]] = {
 }
 
 _FIRST = "posted when the condition reason of that name first appears"
+
+# The Ready=False reasons that reach the status through ``dispatch.pool_conditions``, whose changes
+# ``dispatch.ready_event`` turns into Events. ``Deleting`` does not: the deletion handler writes it last.
+_POOL_READY_EVENTS = [row.reason for row in CONDITIONS[WORKER_POOL] if row.conditions == dispatch.CONDITION_READY
+                      and row.status == "False" and row.reason not in (dispatch.DELETING, dispatch.SUSPENDED)]
 
 EVENTS: dict[str, list[Event]] = {
     ENVIRONMENT: [
@@ -185,6 +192,10 @@ EVENTS: dict[str, list[Event]] = {
               f">= {sync.MIN_DRIFT_INTERVAL_SECONDS:g}; the default interval applies (once per distinct value)."),
     ],
     WORKER_POOL: [
+        *(Event("Warning", reason, "Ready turned False with this reason (see Conditions); once, however long it "
+                "lasts.") for reason in _POOL_READY_EVENTS),
+        Event("Normal", dispatch.SUSPENDED, "`spec.suspend` turned true: Ready is False, reason `Suspended`."),
+        Event("Normal", dispatch.SERVING, "Ready again; the message names the reason the pool recovered from."),
         Event("Warning", dispatch.DISPATCH_FAILED, "Kubernetes refused a worker's Pod or Secret (the message is "
               "`DispatchFailing`'s); posted for a new reason, and then for every "
               f"{REPEATED_FAILURE_EVENT_EVERY}th failure in a row of the same one."),
@@ -321,7 +332,10 @@ def validations_table(kind: str) -> str:
 def columns_table(kind: str) -> str:
     document = crd.environment_crd() if kind == ENVIRONMENT else crd.workerpool_crd()
     columns = document["spec"]["versions"][0]["additionalPrinterColumns"]
-    return table(("column", "shows"), [[column["name"], _code(column["jsonPath"])] for column in columns])
+    return table(("column", "shows", "listed"), [
+        [column["name"], _code(column["jsonPath"]), "with `-o wide`" if column.get("priority", 0) > 0 else "always"]
+        for column in columns
+    ])
 
 
 def conditions_table(kind: str) -> str:
