@@ -46,6 +46,22 @@ def quiet_request_loggers(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def quiet_bookkeeping_lines(verbose: bool, handler_names: tuple[str, ...]) -> None:
+    """Hide kopf's "Handler 'x' succeeded." lines of per-event bookkeeping handlers unless --verbose."""
+    import logging
+    import re
+
+    if verbose:
+        return
+    names = "|".join(map(re.escape, handler_names))
+    pattern = re.compile(rf"^(Handler|Indexer) '({names})' succeeded\.$")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not pattern.match(record.getMessage())
+
+    logging.getLogger("kopf.objects").addFilter(keep)
+
+
 EXIT_USAGE, EXIT_NO_CONFIG, EXIT_UNREACHABLE, EXIT_NO_CRDS = 2, 3, 4, 5
 PREFLIGHT_TIMEOUT_SECONDS = 5.0
 
@@ -125,12 +141,13 @@ def main(args: argparse.Namespace) -> int:
     # Only now the heavy imports (kopf, the SDK): a start-up error above is reported within a second.
     import kopf
 
-    from environments_operator import handlers  # noqa: F401  (registers every handler)
+    from environments_operator import handlers  # registers every handler
     log_format = args.log_format or settings.log_format
     kopf.configure(verbose=args.verbose, log_format=(
         kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.PLAIN
     ))
     quiet_request_loggers(args.verbose)
+    quiet_bookkeeping_lines(args.verbose, handlers.workerpool.BOOKKEEPING_HANDLERS)
     standalone = args.standalone or not settings.peering_name
     asyncio.run(kopf.operator(
         clusterwide=not args.namespace,

@@ -49,6 +49,10 @@ from environments_operator.handlers.workerpool.loop import PoolDispatcher
 __all__ = ["PoolDispatcher", "clean_up_workerpool", "serve_workerpool", "workerpool_environments", "workerpool_pods"]
 
 DISPATCHER, DISPATCH_TASK = "workerpool_dispatcher", "workerpool_dispatch_task"
+# Bookkeeping that runs on every pod, Environment and WorkerPool event (indices, wake-ups); kopf logs each
+# success at INFO, one line per event, which ``run`` hides unless --verbose.
+BOOKKEEPING_HANDLERS = ("workerpool_environments", "workerpool_pods", "wake_pool_on_pod_deletion",
+                        "wake_pools_on_environment_event", "wake_pool_on_spec_event")
 WORKER_POD_LABELS: dict[str, Any] = {
     LABEL_MANAGED_BY: MANAGED_BY, LABEL_WORKER_POOL: kopf.PRESENT,
 }
