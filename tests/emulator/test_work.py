@@ -373,3 +373,15 @@ async def test_archived_environment_still_serves_its_queued_work(
     polled = await worker.beta.environments.work.poll(pool.id)
     assert polled is not None and polled.id == item.id
     assert (await worker.beta.environments.work.ack(item.id, environment_id=pool.id)).state == "starting"
+
+
+async def test_requests_are_counted_by_route(
+    emulator: EmulatorServer, api: AsyncAnthropic, worker: AsyncAnthropic, pool: SelfHostedEnvironment
+) -> None:
+    await worker.beta.environments.work.poll(pool.id)
+    await worker.beta.environments.work.poll(pool.id)
+    await api.beta.environments.retrieve(pool.id)
+    with pytest.raises(anthropic.NotFoundError):
+        await api.get("/v1/no-such-route", cast_to=object)
+    emulator.state.create_environment({"name": "in-process", "config": {"type": "cloud"}})  # not a request
+    assert dict(emulator.requests) == {"work.poll": 2, "environments.retrieve": 1, "unmatched": 1}

@@ -95,11 +95,16 @@ Requests
     without body parameters (delete, archive, ack, heartbeat, environment-key) take an empty body or
     ``{}``. Integer query parameters are plain ASCII decimals (``5_0`` or ``1e3`` is a 400).
   - The ``anthropic-beta`` header is accepted but not required.
+  - ``EmulatorServer.requests`` counts every request received, by route name (``work.poll``,
+    ``environments.retrieve``, ``emulator.faults.add``, ...; ``unmatched`` for unknown paths), faulted
+    ones included: what a client cost the API, for benchmarks. In-process calls to ``state`` are not
+    requests and are not counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -136,6 +141,7 @@ MAX_RECLAIM_MS = 3_600_000
 STATE_KEY = web.AppKey("state", EmulatorState)
 FAULTS_KEY = web.AppKey("faults", FaultInjector)
 MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
+REQUESTS_KEY = web.AppKey("requests", collections.Counter[str])
 # The fault rule that is to cut a stream, set by the fault middleware for the streaming handler.
 STREAM_CUT_KEY = web.RequestKey("stream_cut", FaultRule)
 # A quiet stream sends a ping this often, as the real API's streams do, so that proxies and clients
@@ -512,6 +518,12 @@ async def _apply_fault(request: web.Request, rule: FaultRule, route: str) -> web
 
 
 @web.middleware
+async def count_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request.app[REQUESTS_KEY][request.match_info.route.name or "unmatched"] += 1
+    return await handler(request)
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
@@ -555,7 +567,8 @@ async def fault_middleware(request: web.Request, handler: Handler) -> web.Stream
 def build_app(
     state: EmulatorState, faults: FaultInjector, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, fault_middleware])
+    app = web.Application(middlewares=[count_middleware, error_middleware, fault_middleware])
+    app[REQUESTS_KEY] = collections.Counter()
     app[STATE_KEY] = state
     app[FAULTS_KEY] = faults
     app[MAX_BODY_KEY] = max_body_bytes
@@ -612,6 +625,11 @@ class EmulatorServer:
         self.app = build_app(self.state, self.faults, max_body_bytes=max_body_bytes)
         self._access_log = access_log
         self._runner: web.AppRunner | None = None
+
+    @property
+    def requests(self) -> collections.Counter[str]:
+        """Requests received so far, by route name (``unmatched``: no route); live, copy it to snapshot."""
+        return self.app[REQUESTS_KEY]
 
     @property
     def base_url(self) -> str:
