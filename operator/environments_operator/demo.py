@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -162,9 +162,16 @@ class OperatorProcess:
 
 
 @contextlib.asynccontextmanager
-async def operator_process(kube: Kube, emulator: EmulatorServer, workdir: Path) -> AsyncIterator[OperatorProcess]:
-    """The real operator, ``environments-operator run``, against the simulated cluster and the emulator."""
-    env = {
+async def operator_process(kube: Kube, emulator: EmulatorServer, workdir: Path, *,
+                           namespaces: Sequence[str] | None = (NAMESPACE,),
+                           env: Mapping[str, str] | None = None) -> AsyncIterator[OperatorProcess]:
+    """The real operator, ``environments-operator run``, against the simulated cluster and the emulator.
+
+    It watches ``namespaces`` (None: all namespaces); ``env`` adds to its environment or overrides it
+    (``ENVIRONMENTS_OPERATOR_*`` settings). Its output is appended to ``workdir/operator.log``.
+    """
+    scope = ["--all-namespaces"] if namespaces is None else [arg for ns in namespaces for arg in ("--namespace", ns)]
+    full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "ENVIRONMENTS_OPERATOR_"))},
         "KUBECONFIG": str(kube.kubeconfig),
         "ANTHROPIC_API_KEY": API_KEY,
@@ -172,12 +179,13 @@ async def operator_process(kube: Kube, emulator: EmulatorServer, workdir: Path) 
         "ENVIRONMENTS_OPERATOR_WORKER_IMAGE": WORKER_IMAGE,
         "ENVIRONMENTS_OPERATOR_METRICS_PORT": "0",
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     log_path = workdir / "operator.log"
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "environments_operator", "run", "--namespace", NAMESPACE, "--standalone",
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
+            sys.executable, "-m", "environments_operator", "run", *scope, "--standalone",
+            env=full_env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
             start_new_session=True)
     running = OperatorProcess(process, log_path)
     try:
