@@ -527,8 +527,9 @@ class FakeApiServer(kmock.KubernetesEmulator):
         labels_match = apimachinery.label_selector(label_selector)
         fields_match = apimachinery.field_selector(field_selector)
         found = []
+        wanted = resource.kmock_resource  # built once: each one costs a Protocol isinstance check in kmock
         for (kmock_resource, object_namespace, _), stored in self.objects.items():
-            if kmock_resource != resource.kmock_resource or stored.deleted:
+            if kmock_resource != wanted or stored.deleted:
                 continue
             if namespace is not None and resource.namespaced and object_namespace != namespace:
                 continue
