@@ -505,3 +505,15 @@ def test_ready_event(before: list[dict[str, Any]] | None, after: list[dict[str, 
     from environments_operator.domain.dispatch import ready_event
 
     assert ready_event(before, after) == event  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("owners", "pod_uid", "belongs"), [
+    ([{"kind": "Pod", "uid": "old"}], "old", True),
+    ([{"kind": "Pod", "uid": "fresh"}], "old", False),   # the fresh pod's Secret: an old pod's cleanup keeps it
+    ([{"kind": "WorkerPool", "uid": "pool"}], "old", True),  # made before Secrets belonged to their pods
+    ([], "old", True),
+])
+def test_a_secret_goes_only_with_its_own_pod(owners: list[dict[str, str]], pod_uid: str, belongs: bool) -> None:
+    from environments_operator.domain.worker_lifecycle import secret_belongs_to
+
+    assert secret_belongs_to({"metadata": {"ownerReferences": owners}}, pod_uid) is belongs

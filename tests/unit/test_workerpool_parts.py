@@ -52,6 +52,9 @@ class FakeKube:
         self.created.append((kind, body["metadata"]["name"]))
         return {**body, "metadata": {**body["metadata"], "uid": f"uid-{body['metadata']['name']}"}}
 
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return {"metadata": {"name": name, "uid": f"uid-{name}"}} if kind == "Secret" else None
+
     async def merge_patch(self, kind: str, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         self.patched.append((kind, name, patch))
         return {}

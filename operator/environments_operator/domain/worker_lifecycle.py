@@ -204,6 +204,14 @@ def orphaned_secrets(
     return orphans
 
 
+def secret_belongs_to(secret: Mapping[str, Any], pod_uid: str) -> bool:
+    """Whether a per-item Secret is the one of the pod ``pod_uid`` (its owner), so deleting that pod may
+    delete it. A Secret owned by another pod of the same name (a fresh pod of the same item) is not; one
+    owned by no pod (made before Secrets belonged to their pods) goes with any pod of its item."""
+    owners = [ref for ref in (secret.get("metadata") or {}).get("ownerReferences") or [] if ref.get("kind") == "Pod"]
+    return not owners or not pod_uid or any(ref.get("uid") == pod_uid for ref in owners)
+
+
 def start_timeout_message(view: WorkerPodView, timeout_seconds: float) -> str:
     cause = view.cause or "the pod was never scheduled or its containers never started"
     return (f"worker pod {view.name} for work item {view.work_id} was still Pending after "

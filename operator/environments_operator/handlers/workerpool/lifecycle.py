@@ -187,10 +187,19 @@ class WorkerLifecycle:
             self.stop_backoff = Backoff()
 
     async def delete_worker(self, view: WorkerPodView) -> None:
-        """Delete this pod (only this one: a newer pod of the same name is left alone) and its Secret."""
+        """Delete this pod and its Secret, and only those: a newer pod of the same name (the item came back
+        and got a fresh pod) and that pod's Secret are left alone."""
+        ctx = self.ctx
         self.memory.deleted[view.name] = utcnow()
-        await self.ctx.delete_quietly("Pod", view.name, uid=view.uid or None)
-        await self.ctx.delete_quietly("Secret", work_secret_name(view.work_id))
+        await ctx.delete_quietly("Pod", view.name, uid=view.uid or None)
+        name = work_secret_name(view.work_id)
+        try:
+            secret = await ctx.kube.get("Secret", ctx.namespace, name)
+        except KubeApiError as exc:
+            ctx.logger.warning("reading Secret %s/%s failed: %s", ctx.namespace, name, exc)
+            return
+        if secret is not None and worker_lifecycle.secret_belongs_to(secret, view.uid):
+            await ctx.delete_quietly("Secret", name, uid=str(secret["metadata"].get("uid") or "") or None)
 
     async def relist_pods(self, now: float) -> None:
         """List the pool's pods now and then: an indexed pod the list lacks was deleted unseen.
