@@ -6,7 +6,11 @@ adapters (both import it), and no metric label may carry a credential or a work 
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from environments_operator import __version__
 
 # Dispatch is a few round trips on a local network: most items land in the 5-100 ms buckets, and
 # the tail buckets show apiserver or API slowness.
@@ -39,12 +43,36 @@ API_ERRORS = Counter(
     "Failed Environments API calls by route (e.g. work.poll) and HTTP status (0: no response).",
     ["route", "status"],
 )
+API_REQUESTS = Counter(
+    "environments_operator_api_requests_total",
+    "Every Environments API call (each attempt of a retried one) by route (e.g. work.poll, "
+    "environments.create) and status class (2xx, 4xx, 5xx; none: no response).",
+    ["route", "status_class"],
+)
 WORKER_EVENTS = Counter(
     "environments_operator_worker_lifecycle_total",
     "Worker pods ended by the operator or found ended abnormally, by reason "
     "(WorkerStartTimeout, WorkerFailed, WorkerVanished, DispatchFailed).",
     ["namespace", "pool", "reason"],
 )
+
+BUILD_INFO = Gauge(
+    "environments_operator_build_info",
+    "Always 1; the labels say which operator version runs on which Python.",
+    ["version", "python_version"],
+)
+BUILD_INFO.labels(version=__version__, python_version=platform.python_version()).set(1)
+
+
+def count_api_success(route: str) -> None:
+    """Count one Environments API call that was answered 2xx."""
+    API_REQUESTS.labels(route=route, status_class="2xx").inc()
+
+
+def count_api_failure(route: str, status: int) -> None:
+    """Count one failed Environments API call (``status`` 0: no response) in both API counters."""
+    API_REQUESTS.labels(route=route, status_class=f"{status // 100}xx" if status >= 100 else "none").inc()
+    API_ERRORS.labels(route=route, status=str(status)).inc()
 
 
 def forget_pool(namespace: str, pool: str) -> None:

@@ -11,7 +11,8 @@ The SDK's own retries are off (``max_retries=0``): a create request is not idemp
 retry after a timeout could create a second environment; the controller retries instead, after
 looking for the first one, and waits out backoffs without holding a slot of the semaphore.
 
-This module makes no decisions and never logs: a key, a request body or a response could all carry
+Every call is counted in the ``api_requests`` metric (route ``environments.<method>``), every failure also
+in ``api_errors``. This module makes no decisions and never logs: a key, a request body or a response could all carry
 something that must not reach a log.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 from anthropic import AsyncAnthropic
 
+from environments_operator import metrics
 from environments_operator.adapters.api_errors import failure_of
 from environments_operator.domain.api_failure import ApiFailure
 from environments_operator.domain.environment_sync import RemoteEnvironment, find_own, page_ends_lookup
@@ -59,35 +61,40 @@ class EnvironmentsApi:
         self._environments = client.beta.environments
         self._limit = limit
 
-    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, route: str, call: Callable[[], Awaitable[T]]) -> T:
         async with self._limit:
             try:
-                return await call()
+                result = await call()
             except Exception as exc:
                 failure = failure_of(exc)
                 if failure is None:
                     raise
+                metrics.count_api_failure(route, failure.status or 0)
                 raise ApiCallError(failure) from None
+        metrics.count_api_success(route)
+        return result
 
     async def create(self, params: dict[str, Any]) -> RemoteEnvironment:
-        return _remote(await self._call(lambda: self._environments.create(**params)))
+        return _remote(await self._call("environments.create", lambda: self._environments.create(**params)))
 
     async def retrieve(self, environment_id: str) -> RemoteEnvironment:
-        return _remote(await self._call(lambda: self._environments.retrieve(environment_id)))
+        return _remote(await self._call("environments.retrieve", lambda: self._environments.retrieve(environment_id)))
 
     async def update(self, environment_id: str, params: dict[str, Any]) -> RemoteEnvironment:
-        return _remote(await self._call(lambda: self._environments.update(environment_id, **params)))
+        return _remote(await self._call("environments.update",
+                                        lambda: self._environments.update(environment_id, **params)))
 
     async def archive(self, environment_id: str) -> RemoteEnvironment:
-        return _remote(await self._call(lambda: self._environments.archive(environment_id)))
+        return _remote(await self._call("environments.archive", lambda: self._environments.archive(environment_id)))
 
     async def delete(self, environment_id: str) -> None:
-        await self._call(lambda: self._environments.delete(environment_id))
+        await self._call("environments.delete", lambda: self._environments.delete(environment_id))
 
     async def find_by_uid(self, uid: str, *, window_start: datetime | None) -> RemoteEnvironment | None:
         """The environment stamped with the resource ``uid``, archived ones included; pages newest first
         and stops at the first page that reaches back before ``window_start``."""
-        page = await self._call(lambda: self._environments.list(include_archived=True, limit=LIST_PAGE_LIMIT))
+        page = await self._call("environments.list",
+                                lambda: self._environments.list(include_archived=True, limit=LIST_PAGE_LIMIT))
         while True:
             environments = [_remote(environment) for environment in page.data]
             found = find_own(environments, uid)
@@ -95,7 +102,7 @@ class EnvironmentsApi:
                 return found
             if page_ends_lookup(environments, window_start) or not page.has_next_page():
                 return None
-            page = await self._call(page.get_next_page)
+            page = await self._call("environments.list", page.get_next_page)
 
 
 class EnvironmentsApiPool:

@@ -3,8 +3,8 @@
 ``WorkQueue`` wraps ``AsyncAnthropic().beta.environments.work``: ``poll``, ``ack``, ``stop``,
 ``stats`` and ``list`` (as ``state``), the calls that take the environment key. Every failure
 comes out as a ``WorkApiError`` naming the route and HTTP status (0 for a connection failure or
-timeout), whether retrying can help, and any ``retry-after`` the server asked for; every failure is
-also counted in the ``api_errors`` metric.
+timeout), whether retrying can help, and any ``retry-after`` the server asked for; every call (each
+attempt of a retried one) is counted in the ``api_requests`` metric, and every failure also in ``api_errors``.
 
 Retries are narrow and per call, as in the SDK's own poller: ``ack`` and ``stop`` retry transient
 failures a few times with their own attempt counter (both are safe to repeat); ``poll`` and
@@ -18,9 +18,10 @@ repr hides it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from environments_operator import metrics
 from environments_operator.adapters.api_errors import failure_of
@@ -29,6 +30,8 @@ from environments_operator.domain.workerpool import QueueStatus, queue_status_fr
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
+
+T = TypeVar("T")
 
 # Each request ends well before kopf would consider the daemon stuck; a long-poll is under 1 s.
 REQUEST_TIMEOUT_SECONDS = 30.0
@@ -77,7 +80,7 @@ def classify(route: str, exc: Exception) -> WorkApiError:
     if failure is None:
         raise exc
     status = failure.status or 0
-    metrics.API_ERRORS.labels(route=route, status=str(status)).inc()
+    metrics.count_api_failure(route, status)
     return WorkApiError(route, status, failure.message, retryable=failure.retryable, retry_after=failure.retry_after)
 
 
@@ -98,20 +101,27 @@ class WorkQueue:
         )
         self._work = self._client.beta.environments.work
 
+    @staticmethod
+    async def _call(route: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One request, counted; a failure comes out as a ``WorkApiError``."""
+        try:
+            result = await call()
+        except Exception as exc:  # classify re-raises what is not an API or transport error
+            raise classify(route, exc) from None
+        metrics.count_api_success(route)
+        return result
+
     async def close(self) -> None:
         await self._client.close()
 
     async def poll(self, *, block_ms: int, reclaim_older_than_ms: int) -> ClaimedWork | None:
         """One long-poll; the claimed item, or ``None`` when the queue stayed empty for ``block_ms``."""
-        try:
-            item = await self._work.poll(
-                self.environment_id,
-                block_ms=block_ms,
-                reclaim_older_than_ms=reclaim_older_than_ms,
-                anthropic_worker_id=self.worker_id,
-            )
-        except Exception as exc:  # classify re-raises what is not an API or transport error
-            raise classify("work.poll", exc) from None
+        item = await self._call("work.poll", lambda: self._work.poll(
+            self.environment_id,
+            block_ms=block_ms,
+            reclaim_older_than_ms=reclaim_older_than_ms,
+            anthropic_worker_id=self.worker_id,
+        ))
         if item is None:
             return None
         data = item.data
@@ -128,9 +138,8 @@ class WorkQueue:
         while True:
             attempt += 1
             try:
-                return await call()
-            except Exception as exc:
-                error = classify(route, exc)
+                return await self._call(route, call)
+            except WorkApiError as error:
                 if not error.retryable or attempt >= CALL_ATTEMPTS:
                     raise error from None
                 wait = max(backoff_seconds(attempt, base=0.1, cap=1.0), error.retry_after or 0.0)
@@ -165,11 +174,8 @@ class WorkQueue:
 
         page: str | None = None
         for _ in range(STATE_SEARCH_PAGES):
-            try:
-                listed = await self._work.list(self.environment_id, limit=STATE_SEARCH_PAGE_SIZE,
-                                               page=page if page else omit)
-            except Exception as exc:
-                raise classify("work.list", exc) from None
+            listed = await self._call("work.list", functools.partial(
+                self._work.list, self.environment_id, limit=STATE_SEARCH_PAGE_SIZE, page=page if page else omit))
             for item in listed.data:
                 if item.id == work_id:
                     return str(item.state)
@@ -184,8 +190,5 @@ class WorkQueue:
             work_id, environment_id=self.environment_id, metadata=metadata))
 
     async def stats(self) -> QueueStatus:
-        try:
-            stats = await self._work.stats(self.environment_id)
-        except Exception as exc:
-            raise classify("work.stats", exc) from None
+        stats = await self._call("work.stats", lambda: self._work.stats(self.environment_id))
         return queue_status_from_stats(stats.model_dump())
