@@ -56,12 +56,44 @@ WORKER_EVENTS = Counter(
     ["namespace", "pool", "reason"],
 )
 
+# From the claim to the worker pod's first Running: the release, scheduling, image pull and container
+# start. Seconds on a warm node, minutes with a cold image pull or a node scaling up.
+_SESSION_START_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# How long items wait in the queue before a claim: ~0 while the pool has capacity, the backlog's
+# drain time when it has none.
+_QUEUE_WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+SESSION_START = Histogram(
+    "environments_operator_session_start_seconds",
+    "Time from claiming a work item to its worker pod's first Running phase (observed once per pod, "
+    "only for items this operator process claimed).",
+    ["namespace", "pool"],
+    buckets=_SESSION_START_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "environments_operator_queue_wait_seconds",
+    "Time a work item waited in the queue: its created_at to its claim by a WorkerPool's poll.",
+    ["namespace", "pool"],
+    buckets=_QUEUE_WAIT_BUCKETS,
+)
+MAX_WORKERS = Gauge(
+    "environments_operator_workerpool_max_workers",
+    "A WorkerPool's spec.maxWorkers: the most worker pods it runs at once.",
+    ["namespace", "pool"],
+)
+DESIRED_WORKERS = Gauge(
+    "environments_operator_workerpool_desired_workers",
+    "A WorkerPool's status.desiredWorkers: min(maxWorkers, unfinished workers + queue depth).",
+    ["namespace", "pool"],
+)
 BUILD_INFO = Gauge(
     "environments_operator_build_info",
     "Always 1; the labels say which operator version runs on which Python.",
     ["version", "python_version"],
 )
 BUILD_INFO.labels(version=__version__, python_version=platform.python_version()).set(1)
+
+_POOL_SERIES = (QUEUE_DEPTH, MAX_WORKERS, DESIRED_WORKERS, SESSION_START, QUEUE_WAIT)
 
 
 def count_api_success(route: str) -> None:
@@ -75,6 +107,13 @@ def count_api_failure(route: str, status: int) -> None:
     API_ERRORS.labels(route=route, status=str(status)).inc()
 
 
+def observe_pool_size(namespace: str, pool: str, max_workers: int, desired_workers: int | None) -> None:
+    """The pool's spec.maxWorkers and status.desiredWorkers, as its status was composed."""
+    MAX_WORKERS.labels(namespace=namespace, pool=pool).set(max_workers)
+    if desired_workers is not None:
+        DESIRED_WORKERS.labels(namespace=namespace, pool=pool).set(desired_workers)
+
+
 def forget_pool(namespace: str, pool: str) -> None:
     """Drop the series of a deleted WorkerPool so that its last values are not reported forever."""
     for phase in ("starting", "running", "succeeded", "failed"):
@@ -82,7 +121,8 @@ def forget_pool(namespace: str, pool: str) -> None:
             WORKER_PODS.remove(namespace, pool, phase)
         except KeyError:
             pass
-    try:
-        QUEUE_DEPTH.remove(namespace, pool)
-    except KeyError:
-        pass
+    for series in _POOL_SERIES:
+        try:
+            series.remove(namespace, pool)
+        except KeyError:
+            pass

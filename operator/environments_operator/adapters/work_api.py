@@ -21,11 +21,12 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from environments_operator import metrics
 from environments_operator.adapters.api_errors import failure_of
-from environments_operator.domain.vocabulary import backoff_seconds
+from environments_operator.domain.vocabulary import backoff_seconds, parse_time
 from environments_operator.domain.workerpool import QueueStatus, queue_status_from_stats
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ClaimedWork:
     work_type: str
     session_id: str | None
     secret: str | None = field(repr=False)
+    created_at: datetime | None = None  # when the item was queued (the API's created_at)
 
 
 def classify(route: str, exc: Exception) -> WorkApiError:
@@ -131,6 +133,7 @@ class WorkQueue:
             work_type=str(getattr(data, "type", "") or ""),
             session_id=getattr(data, "id", None),
             secret=item.secret,
+            created_at=parse_time(item.created_at),
         )
 
     async def _with_retries(self, route: str, call: Callable[[], Awaitable[object]]) -> object:

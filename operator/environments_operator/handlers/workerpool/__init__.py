@@ -11,6 +11,7 @@ This module holds the decorators and the indices only; each concern lives in a p
 | ``lifecycle`` | startup timeout, failed and vanished pods, owed force-stops, TTL, the Secret sweep |
 | ``loop`` | the pass, its sleep, queue stats and status; composes the parts above |
 | ``cleanup`` | the end of a deleted pool |
+| ``session_start`` | claim times, until the pod index sees the item's pod Running (a metric) |
 
 - Two kopf **indices** keep what the dispatch loop reads on every pass in memory: the Environments of
   each namespace (``environmentRef`` resolves without an API call) and the worker pods of each pool
@@ -45,6 +46,7 @@ from environments_operator.handlers.workerpool.cleanup import end_deleted_pool
 from environments_operator.handlers.workerpool.context import WAKERS, Logger, PoolKey
 from environments_operator.handlers.workerpool.context import pool_wakers as _wakers
 from environments_operator.handlers.workerpool.loop import PoolDispatcher
+from environments_operator.handlers.workerpool.session_start import SESSION_STARTS
 
 __all__ = ["PoolDispatcher", "clean_up_workerpool", "serve_workerpool", "workerpool_environments", "workerpool_pods"]
 
@@ -82,6 +84,7 @@ async def workerpool_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[Po
     # spares kopf a second handler call per pod event; the loop coalesces wake-ups (the index is
     # updated right after this returns).
     _wake(memo, (view.namespace, view.pool))
+    SESSION_STARTS.saw(view)
     return {(view.namespace, view.pool): view}
 
 

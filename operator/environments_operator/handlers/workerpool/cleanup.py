@@ -22,6 +22,7 @@ from environments_operator.domain.worker_manifests import pool_selector
 from environments_operator.handlers.workerpool.context import Logger, PoolKey, utcnow
 from environments_operator.handlers.workerpool.loop import PoolDispatcher
 from environments_operator.handlers.workerpool.queue_access import read_environment_key
+from environments_operator.handlers.workerpool.session_start import SESSION_STARTS
 from environments_operator.settings import OperatorSettings
 
 
@@ -84,6 +85,7 @@ async def end_deleted_pool(*, name: str, namespace: str, spec: kopf.Spec, status
         if own_fallback and fallback is not None:
             await fallback.close()
     metrics.forget_pool(namespace, name)
+    SESSION_STARTS.forget_pool(namespace, name)
     # Say what happened; this write is also the event on which kopf sees the daemon gone and releases
     # the finalizer at once (it would otherwise wait out the daemon's cancellation backoff).
     patch.status["conditions"] = set_condition(

@@ -47,6 +47,7 @@ from environments_operator.domain.worker_manifests import (
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
 from environments_operator.handlers.workerpool.lifecycle import WorkerLifecycle
+from environments_operator.handlers.workerpool.session_start import SESSION_STARTS
 
 
 class ItemDispatcher:
@@ -113,6 +114,7 @@ class ItemDispatcher:
                 await self.lifecycle.delete_worker(view)
             return
         metrics.DISPATCH_LATENCY.labels(stage="acked").observe(ctx.now() - claimed_at)
+        SESSION_STARTS.claimed(ctx.namespace, ctx.name, item.work_id, claimed_at)  # before: gated pods cannot run
         if not await self.lifecycle.release(view):
             return
         ctx.logger.info("work item %s of session %s dispatched to pod %s/%s (pool %s)",

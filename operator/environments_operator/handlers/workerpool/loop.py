@@ -220,6 +220,7 @@ class PoolDispatcher:
             desiredWorkers=dispatch.desired_workers(max_workers=max_workers, active=active, depth=depth),
             lastDispatchTime=parse_time(self.items.last_dispatch_time),
         )
+        metrics.observe_pool_size(ctx.namespace, ctx.name, max_workers, status.desiredWorkers)
         composed = status.model_dump(mode="json", exclude_none=True)
         composed["conditions"] = self.conditions
         return composed

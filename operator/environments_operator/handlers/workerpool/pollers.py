@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import random
 
+from environments_operator import metrics
 from environments_operator.adapters.work_api import ClaimedWork, WorkApiError, WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.pool_loop import POLLER_CRASH_PAUSE_SECONDS, may_poll
 from environments_operator.domain.vocabulary import Backoff
 from environments_operator.domain.workerpool import WorkerPoolSpec
-from environments_operator.handlers.workerpool.context import PoolContext
+from environments_operator.handlers.workerpool.context import PoolContext, utcnow
 from environments_operator.handlers.workerpool.item_dispatch import ItemDispatcher
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
 
@@ -111,6 +112,7 @@ class PollerGroup:
                     continue  # claimed again while its dispatch is still at work: that dispatch acks it
                 if ctx.stopping:
                     return  # not acknowledged: offered again after the reclaim window
+                self._observe_queue_wait(item)
                 if dispatch.should_add_poller(max_workers=spec.maxWorkers, occupied=ctx.occupied() + 1,
                                               polling=len(self.polls_in_flight), pollers=len(self.pollers)):
                     self._start_poller()
@@ -123,6 +125,12 @@ class PollerGroup:
         finally:
             self.pollers.discard(task)
             ctx.wake.set()
+
+    def _observe_queue_wait(self, item: ClaimedWork) -> None:
+        """created_at → this claim (a redelivered item's wait counts from its creation again)."""
+        if item.created_at is not None:
+            waited = (utcnow() - item.created_at).total_seconds()
+            metrics.QUEUE_WAIT.labels(namespace=self.ctx.namespace, pool=self.ctx.name).observe(max(0.0, waited))
 
     def _start_dispatch(self, queue: WorkQueue, spec: WorkerPoolSpec, item: ClaimedWork, claimed_at: float) -> None:
         ctx = self.ctx
