@@ -86,6 +86,24 @@ DESIRED_WORKERS = Gauge(
     "A WorkerPool's status.desiredWorkers: min(maxWorkers, unfinished workers + queue depth).",
     ["namespace", "pool"],
 )
+ENVIRONMENTS = Gauge(
+    "environments_operator_environments",
+    "Environment resources served by this operator, by the status (True, False, Unknown) and reason of "
+    "their Ready condition.",
+    ["namespace", "ready", "reason"],
+)
+ENVIRONMENT_SYNCS = Counter(
+    "environments_operator_environment_syncs_total",
+    "Successful Environment syncs by trigger (spec: a create or spec change; check: a drift check or "
+    "sync-now) and outcome (the Ready reason: Created, Adopted, Updated, InSync, DriftCorrected, Recreated).",
+    ["namespace", "trigger", "reason"],
+)
+ENVIRONMENT_DRIFT_REPAIRS = Counter(
+    "environments_operator_environment_drift_repairs_total",
+    "Drift repaired by the Environment controller: fields changed outside the operator and set back "
+    "(kind=corrected), or an environment deleted outside the operator and created again (kind=recreated).",
+    ["namespace", "kind"],
+)
 BUILD_INFO = Gauge(
     "environments_operator_build_info",
     "Always 1; the labels say which operator version runs on which Python.",

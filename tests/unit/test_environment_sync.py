@@ -450,3 +450,26 @@ def test_success_report(case: str, fields: tuple[str, ...], trigger: sync.Trigge
     assert all(field in report.message for field in fields)
     if case == "recreating":
         assert "env_1" in report.message and "env_2" in report.message
+
+
+# ----- the Ready condition as the metric counts it -------------------------------------------------------
+
+@pytest.mark.parametrize(("status", "summary"), [
+    (None, ("Unknown", "Unknown")),
+    ({}, ("Unknown", "Unknown")),
+    ({"conditions": [{"type": "Synced", "status": "True", "reason": "InSync"}]}, ("Unknown", "Unknown")),
+    ({"conditions": [{"type": "Ready", "status": "True", "reason": "Adopted"}]}, ("True", "Adopted")),
+    ({"conditions": [{"type": "Ready", "status": "False", "reason": "NotFound"}]}, ("False", "NotFound")),
+    # Written by hand, or by a future version: counted, without a series of its own.
+    ({"conditions": [{"type": "Ready", "status": "False", "reason": "SomethingNew"}]}, ("False", "Other")),
+    ({"conditions": [{"type": "Ready", "status": "Maybe", "reason": "InSync"}]}, ("Unknown", "InSync")),
+    ({"conditions": "not a list"}, ("Unknown", "Unknown")),
+])
+def test_ready_summary(status: dict[str, Any] | None, summary: tuple[str, str]) -> None:
+    assert sync.ready_summary(status) == summary
+
+
+def test_every_ready_reason_a_sync_or_failure_reports_is_in_the_vocabulary() -> None:
+    assert {sync.CREATED, sync.RECREATED, sync.ADOPTED, sync.UPDATED, sync.IN_SYNC, sync.DRIFT_CORRECTED,
+            *sync.TERMINAL_REASONS, sync.UNAUTHORIZED, sync.RATE_LIMITED, sync.API_UNAVAILABLE,
+            sync.CREDENTIALS_UNAVAILABLE, sync.ARCHIVED, sync.DELETION_BLOCKED} == sync.READY_REASONS

@@ -1,17 +1,60 @@
-"""The operator's metrics and the parts that feed them: the API call counters, build_info, the session start
-clock."""
+"""The operator's metrics: named by Prometheus' conventions, each listed in the README, and the parts
+that feed them (the API call counters, the session start clock, the Environments tally)."""
 
 from __future__ import annotations
 
 import platform
+import re
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 
 import environments_operator
 from environments_operator import metrics
 from environments_operator.domain.dispatch import WorkerPodView
+from environments_operator.handlers.environment.runtime import ReadyTally
 from environments_operator.handlers.workerpool import session_start
 from environments_operator.handlers.workerpool.session_start import SessionStartClock
+from tests.chart.monitoring import exposed_name, operator_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+# Label names that would invite a credential or a per-item value into a series.
+FORBIDDEN_LABELS = re.compile(r"secret|key|token|session|work_id|uid", re.IGNORECASE)
+
+
+def readme_metrics() -> dict[str, str]:
+    """Name -> labels cell of the README's Metrics table."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("**Metrics** (port", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    return {re.match(r"\| `(\w+)`", row[0])[1]: row[2] for row in rows}  # type: ignore[index]
+
+
+def test_every_metric_follows_prometheus_conventions() -> None:
+    for family, metric in operator_metrics().items():
+        (described,) = metric.describe()
+        assert family.startswith("environments_operator_"), family
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", family), family
+        assert not family.endswith("_total"), family  # the client adds it to a counter's samples
+        if described.type == "histogram":
+            assert family.endswith("_seconds"), family  # base units
+        if described.type == "gauge":
+            assert not re.search(r"_(total|count|sum|bucket)$", family), family
+        for label in metric._labelnames:
+            assert re.fullmatch(r"[a-z][a-z0-9_]*", label) and not FORBIDDEN_LABELS.search(label), (family, label)
+        assert described.documentation, family
+
+
+def test_the_readme_lists_every_metric_with_its_labels() -> None:
+    listed = readme_metrics()
+    assert set(listed) == {exposed_name(family) for family in operator_metrics()}
+    for family, metric in operator_metrics().items():
+        cell = listed[exposed_name(family)]
+        documented = set(re.findall(r"`(\w+)`", cell))
+        assert set(metric._labelnames) <= documented, (family, cell)
+        (described,) = metric.describe()
+        assert f"| {described.type} |" in next(line for line in (ROOT / "README.md").read_text().splitlines()
+                                                if line.startswith(f"| `{exposed_name(family)}` |")), family
 
 
 def test_build_info_names_the_version_and_python() -> None:
@@ -83,3 +126,29 @@ async def test_the_session_start_clock_forgets_old_claims_and_deleted_pools(monk
     for index in range(5):
         clock.claimed("unit", "many", f"m{index}", now)
     assert len(clock) == 2
+
+
+def environments(ready: str, reason: str, namespace: str = "unit-tally") -> float | None:
+    return REGISTRY.get_sample_value("environments_operator_environments",
+                                     {"namespace": namespace, "ready": ready, "reason": reason})
+
+
+def ready(status: str, reason: str) -> dict:
+    return {"conditions": [{"type": "Ready", "status": status, "reason": reason}]}
+
+
+def test_the_ready_tally_counts_environments_by_their_ready_condition() -> None:
+    tally = ReadyTally()
+    tally.saw("u1", "unit-tally", {})
+    assert environments("Unknown", "Unknown") == 1
+    tally.saw("u1", "unit-tally", ready("True", "Created"))
+    tally.saw("u2", "unit-tally", ready("True", "Created"))
+    tally.saw("u3", "unit-tally", ready("False", "InvalidSpec"))
+    assert environments("Unknown", "Unknown") is None  # a reason nobody has leaves no series behind
+    assert environments("True", "Created") == 2 and environments("False", "InvalidSpec") == 1
+    tally.saw("u2", "unit-tally", ready("True", "Created"))  # an event that changed nothing counted
+    tally.gone("u2")
+    tally.gone("never-seen")
+    assert environments("True", "Created") == 1
+    tally.clear()
+    assert environments("True", "Created") is None and environments("False", "InvalidSpec") is None

@@ -93,6 +93,14 @@ INVALID_ANNOTATION = "InvalidAnnotation"
 ORPHANED = "Orphaned"
 DELETED = "Deleted"
 
+# Every reason the Ready condition may carry (README, "Environment controller"); anything else a
+# metric reports as OTHER_REASON, so that a hand-written status cannot add series.
+READY_REASONS = frozenset({
+    CREATED, RECREATED, ADOPTED, UPDATED, IN_SYNC, DRIFT_CORRECTED, ARCHIVED, INVALID_SPEC, REJECTED, NOT_FOUND,
+    TYPE_MISMATCH, CREDENTIALS_UNAVAILABLE, UNAUTHORIZED, RATE_LIMITED, API_UNAVAILABLE, DELETION_BLOCKED,
+})
+NOT_YET_REPORTED, OTHER_REASON = "Unknown", "Other"
+
 # Reasons that end the sync of a generation: only a new spec (a new generation) is tried again.
 TERMINAL_REASONS = frozenset({INVALID_SPEC, REJECTED, NOT_FOUND, TYPE_MISMATCH})
 
@@ -363,6 +371,22 @@ def is_new_reason(conditions: list[ConditionDict] | None, change: ConditionChang
     """Whether ``change`` differs from the condition in place: Events are posted on news only."""
     current = get_condition(conditions, change.type)
     return current is None or (current.get("status"), current.get("reason")) != (change.status, change.reason)
+
+
+def ready_summary(status: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(status, reason) of the stored Ready condition, as the Environments metric counts it.
+
+    ``("Unknown", "Unknown")`` before the controller first reported; an unexpected status is ``Unknown``,
+    an unexpected reason ``Other``.
+    """
+    conditions = (status or {}).get("conditions")
+    ready = get_condition(conditions if isinstance(conditions, list) else None, READY)
+    if ready is None:
+        return NOT_YET_REPORTED, NOT_YET_REPORTED
+    value = ready.get("status")
+    reason = ready.get("reason")
+    return (value if value in ("True", "False") else NOT_YET_REPORTED,
+            reason if reason in READY_REASONS else OTHER_REASON)
 
 
 def synced_conditions(reason: str, message: str) -> list[ConditionChange]:

@@ -12,6 +12,8 @@ Handlers, in the order kopf meets them:
 - ``environment-drift`` (timer): re-reads the environment once per interval (settings, or the
   ``environments.managedagents.dev/drift-interval-seconds`` annotation), jittered, and corrects drift.
 - ``environment-delete`` (finalizer): archives, deletes or orphans by ``spec.deletionPolicy``.
+- ``environment-ready-metric`` (every watch event): counts the Environments by their stored Ready
+  condition for the ``environments_operator_environments`` metric.
 
 An update the API refuses with 404 or 400 may meet an environment deleted or archived since it was read:
 the environment is re-read once and ``sync.refused_update_verdict`` says what the refusal means.
@@ -73,7 +75,20 @@ async def start_environment_controller(memo: kopf.Memo, **_: Any) -> None:
 async def stop_environment_controller(memo: kopf.Memo, **_: Any) -> None:
     runtime: EnvironmentsRuntime | None = memo.get("environments")
     if runtime is not None:
+        runtime.ready_tally.clear()
         await runtime.pool.close()
+
+
+@kopf.on.event(*RESOURCE, id="environment-ready-metric")
+async def count_by_ready_condition(type: str | None, uid: str | None, namespace: str | None, status: kopf.Status,
+                                   memo: kopf.Memo, **_: Any) -> None:
+    runtime: EnvironmentsRuntime | None = memo.get("environments")
+    if runtime is None or not uid:
+        return
+    if type == "DELETED":
+        runtime.ready_tally.gone(uid)
+    else:
+        runtime.ready_tally.saw(uid, namespace or "", dict(status))
 
 
 

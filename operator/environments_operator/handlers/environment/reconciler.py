@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from environments_operator import metrics
 from environments_operator.adapters.environments_api import (
     ApiCallError,
     EnvironmentsApi,
@@ -264,6 +265,10 @@ class Reconciler:
                        recreating: bool) -> None:
         report = sync.success_report(remote.id, plan.fields, trigger, previous_id=previous_id, adopting=adopting,
                                      created=created, recovered=recovered, recreating=recreating)
+        metrics.ENVIRONMENT_SYNCS.labels(namespace=self.namespace, trigger=trigger, reason=report.reason).inc()
+        if report.reason in (sync.DRIFT_CORRECTED, sync.RECREATED):
+            kind = "corrected" if report.reason == sync.DRIFT_CORRECTED else "recreated"
+            metrics.ENVIRONMENT_DRIFT_REPAIRS.labels(namespace=self.namespace, kind=kind).inc()
         if report.event is not None:
             self.event(*report.event)
         if report.drifted_fields is not None:
