@@ -33,6 +33,8 @@ SCENARIOS: dict[str, JSON] = {
     "emulator": {"emulator": {"enabled": True}},
     "emulator-sidecar": {"emulator": {"enabled": True, "mode": "sidecar"}},
     "servicemonitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True}, "grafanaDashboard": {"enabled": True},
+                               "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}},
     "two-replicas": {"replicaCount": 2, "podDisruptionBudget": {"enabled": True}},
     "existing-secret": {"apiKey": {"existingSecret": "anthropic", "existingSecretKey": "key"}},
     "api-key-value": {"apiKey": {"value": "sk-ant-sample-value"}, "anthropic": {"baseUrl": "https://api.example.test"}},

@@ -63,7 +63,7 @@ def test_app_version_is_the_package_version() -> None:
     assert f'version = "{CHART_YAML["appVersion"]}"' in pyproject
 
 
-@pytest.mark.parametrize("scenario", ["default", "namespaced", "emulator"])
+@pytest.mark.parametrize("scenario", ["default", "namespaced", "emulator", "monitoring"])
 def test_lint_is_clean(scenario: str) -> None:
     report = helm.lint(CHART_DIR, SCENARIOS[scenario], strict=True, kube_version=f"v{KUBE_VERSIONS[-1]}")
     assert report["errors"] == []
@@ -112,6 +112,7 @@ SERVICE_MONITOR_SCHEMA: JSON = {
                     "properties": {
                         "port": {"type": "string"},
                         "path": {"type": "string"},
+                        "honorLabels": {"type": "boolean"},
                         "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                         "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                     },
@@ -120,6 +121,45 @@ SERVICE_MONITOR_SCHEMA: JSON = {
         },
     },
 }
+
+
+# The Prometheus Operator's PrometheusRule (monitoring.coreos.com/v1), as its CRD's schema has it for the
+# fields the chart writes (and no others): groups of alerting rules, durations in Prometheus' syntax.
+PROMETHEUS_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+PROMETHEUS_RULE_SCHEMA: JSON = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object", "required": ["groups"], "additionalProperties": False,
+            "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "interval": {"type": "string", "pattern": PROMETHEUS_DURATION},
+                    "rules": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["alert", "expr", "labels", "annotations"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "alert": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9]*$"},
+                            "expr": {"type": "string", "minLength": 1},
+                            "for": {"type": "string", "pattern": PROMETHEUS_DURATION},
+                            "labels": {"type": "object", "required": ["severity"],
+                                       "additionalProperties": {"type": "string"}},
+                            "annotations": {"type": "object", "required": ["summary", "description"],
+                                            "additionalProperties": {"type": "string"}},
+                        },
+                    }},
+                },
+            }}},
+        },
+    },
+}
+CUSTOM_RESOURCE_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
 
 
 def _custom_object_errors(obj: JSON) -> list[str]:
@@ -138,10 +178,11 @@ def _custom_object_errors(obj: JSON) -> list[str]:
 
 
 def _validation_errors(obj: JSON, kube_version: str) -> list[str]:
-    if obj["kind"] == "ServiceMonitor":
+    if obj["kind"] in CUSTOM_RESOURCE_SCHEMAS:
         import jsonschema
 
-        return [e.message for e in jsonschema.Draft202012Validator(SERVICE_MONITOR_SCHEMA).iter_errors(obj)]
+        validator = jsonschema.Draft202012Validator(CUSTOM_RESOURCE_SCHEMAS[obj["kind"]])
+        return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
     if obj["apiVersion"].split("/")[0] in {group for group, _ in CRDS}:
         return _custom_object_errors(obj)
     try:
@@ -177,6 +218,16 @@ def test_the_validation_catches_a_broken_object() -> None:
     monitor = copy.deepcopy(only(render(SCENARIOS["servicemonitor"]), "ServiceMonitor"))
     monitor["spec"]["endpoints"][0]["interval"] = 30
     assert _validation_errors(monitor, KUBE_VERSIONS[-1])
+    monitoring = render(SCENARIOS["monitoring"])
+    rule = copy.deepcopy(only(monitoring, "PrometheusRule"))
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    assert _validation_errors(rule, KUBE_VERSIONS[-1])
+    rule = copy.deepcopy(only(monitoring, "PrometheusRule"))
+    del rule["spec"]["groups"][0]["rules"][0]["labels"]["severity"]
+    assert _validation_errors(rule, KUBE_VERSIONS[-1])
+    dashboard = copy.deepcopy(only(monitoring, "ConfigMap"))
+    dashboard["data"]["environments-operator.json"] = {"panels": []}
+    assert _validation_errors(dashboard, KUBE_VERSIONS[-1])
 
 
 def test_every_object_is_labelled_and_placed() -> None:
@@ -220,6 +271,16 @@ INVALID_VALUES: list[tuple[str, JSON, str]] = [
     ("node-selector-non-string", {"nodeSelector": {"disk": 1}}, "'/nodeSelector/disk': got number, want string"),
     ("scrape-interval-not-duration", {"metrics": {"serviceMonitor": {"interval": "often"}}},
      "'/metrics/serviceMonitor/interval'"),
+    ("backlog-minutes-zero", {"metrics": {"prometheusRule": {"backlogMinutes": 0}}},
+     "'/metrics/prometheusRule/backlogMinutes': minimum"),
+    ("start-timeouts-as-string", {"metrics": {"prometheusRule": {"startTimeouts": "3"}}},
+     "'/metrics/prometheusRule/startTimeouts': got string, want integer"),
+    ("operator-selector-with-braces", {"metrics": {"prometheusRule": {"operatorSelector": '{job="x"}'}}},
+     "'/metrics/prometheusRule/operatorSelector'"),
+    ("dashboard-label-with-space", {"metrics": {"grafanaDashboard": {"label": "grafana dashboard"}}},
+     "'/metrics/grafanaDashboard/label'"),
+    ("dashboard-namespace-not-dns-label", {"metrics": {"grafanaDashboard": {"namespace": "Grafana"}}},
+     "'/metrics/grafanaDashboard/namespace'"),
 ]
 
 
@@ -275,6 +336,10 @@ INCOHERENT_VALUES: list[tuple[str, JSON, str]] = [
     ("pdb-with-one-replica", {"podDisruptionBudget": {"enabled": True}}, "would block every node drain"),
     ("servicemonitor-without-metrics", {"metrics": {"port": 0, "serviceMonitor": {"enabled": True}}},
      "needs metrics.port > 0"),
+    ("prometheusrule-without-metrics", {"metrics": {"port": 0, "prometheusRule": {"enabled": True}}},
+     "metrics.prometheusRule.enabled needs metrics.port > 0"),
+    ("dashboard-without-metrics", {"metrics": {"port": 0, "grafanaDashboard": {"enabled": True}}},
+     "metrics.grafanaDashboard.enabled needs metrics.port > 0"),
     ("metrics-on-probe-port", {"metrics": {"port": 8080}}, "metrics.port and probes.port must differ"),
     # The sidecar shares the operator pod's network: two servers on one port, and one crash-loops.
     ("sidecar-emulator-on-metrics-port", {"emulator": {"enabled": True, "mode": "sidecar", "port": 9090}},

@@ -142,6 +142,12 @@ app.kubernetes.io/component: emulator
 {{- if and .Values.metrics.serviceMonitor.enabled (eq (int .Values.metrics.port) 0) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.port > 0" }}
 {{- end }}
+{{- if and .Values.metrics.prometheusRule.enabled (eq (int .Values.metrics.port) 0) }}
+{{- fail "metrics.prometheusRule.enabled needs metrics.port > 0: its alerts read the operator's metrics" }}
+{{- end }}
+{{- if and .Values.metrics.grafanaDashboard.enabled (eq (int .Values.metrics.port) 0) }}
+{{- fail "metrics.grafanaDashboard.enabled needs metrics.port > 0: the dashboard shows the operator's metrics" }}
+{{- end }}
 {{- /* Ports of the operator pod's one network namespace: two servers on one port, one crash-loops. */}}
 {{- if eq (int .Values.metrics.port) (int .Values.probes.port) }}
 {{- fail "metrics.port and probes.port must differ" }}
