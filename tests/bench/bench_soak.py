@@ -223,8 +223,10 @@ def report(args: argparse.Namespace, result: SoakResult, operator: Any) -> None:
         ("items left hanging at the end", str(len(result.hanging))),
         ("served by a worker / stopped after a fault of their pod",
          f"{result.served} / {result.stopped_after_fault}"),
-        ("served again after a worker died unnoticed (lease expiry)", str(len(result.redelivered))),
+        ("served again by a fresh pod after its lease ran out (lease lost)", str(len(result.redelivered))),
         ("dispatch latency, enqueue -> acked", f"p50 {ms(result.dispatch_p50)}, p99 {ms(result.dispatch_p99)}"),
+        ("dispatch latency of the items enqueued after the last crash could happen",
+         latency_after(result, args.kills_until)),
         ("time to drain (injection over -> every item stopped)",
          "-" if result.drain_seconds is None else f"{result.drain_seconds:.1f} s"),
         ("total", f"{result.total_seconds:.0f} s"),
@@ -256,6 +258,19 @@ def report(args: argparse.Namespace, result: SoakResult, operator: Any) -> None:
         print(f"\nanomalies: {result.anomalies[:20]}")
 
 
+def latency_after(result: SoakResult, kills_until: float) -> str:
+    """p50/p99 of the items enqueued once crashes had stopped (plus a minute for a restart's backlog)."""
+    from tests.harness.soak import percentile
+
+    since = kills_until * result.config.enqueue_seconds + 60.0
+    values = [latency for enqueued, latency in result.latencies if enqueued >= since]
+    if not values:
+        return "-"
+    p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
+    assert p50 is not None and p99 is not None
+    return f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (n={len(values)}, enqueued after {since:.0f} s)"
+
+
 async def run(args: argparse.Namespace) -> int:
     from tests.harness.soak import log_lines_about
 
@@ -281,6 +296,10 @@ async def run(args: argparse.Namespace) -> int:
             if sampler is not None:
                 sampler.cancel()
             report(args, result, operator)
+            if args.dump_log:
+                args.dump_log.write_text("\n".join(
+                    f"{time.strftime('%H:%M:%S', time.localtime(line.created))} {line.getMessage()}"
+                    for line in operator.logs) + "\n\nevents:\n" + "\n".join(text for _, text in result.events))
             if not result.ok or result.drain_seconds is None:
                 bad = result.lost + result.served_twice + result.hanging
                 print("\nFAILED:\n" + result.summary())
@@ -304,6 +323,7 @@ def main() -> None:
     parser.add_argument("--relist-seconds", type=int, default=10)
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--dump-log", type=Path, help="write the operator's output lines here at the end")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.exit(asyncio.run(run(args)))

@@ -131,12 +131,18 @@ class FaultMix:
     api_latency: float = 0.2
     api_latency_ms: tuple[int, int] = (5, 60)
     api_burst_every: tuple[float, float] = (4.0, 10.0)  # one route failing `times` in a row
+    # A network blip on ack: the next few acks take effect and their answers are lost (each ack is
+    # retried by the operator, so only a run of them makes one fail for good).
+    ack_lost_every: tuple[float, float] | None = (6.0, 14.0)
     # Pods, per released pod (the rest are served).
     pod_fail_running: float = 0.04
     pod_fail_start: float = 0.02
     pod_vanish_running: float = 0.03
     pod_vanish_pending: float = 0.02
     pod_hang_pending: float = 0.03
+    # The lease runs out while the pod still looks Running (a partition, its node unreachable): the item
+    # is offered again while the old worker runs on; its next heartbeat is refused, and it exits 0.
+    pod_lease_lost: float = 0.03
     # Kubernetes, seconds between episodes (None: never).
     watch_410_every: tuple[float, float] | None = (5.0, 12.0)
     hold_every: tuple[float, float] | None = (3.0, 8.0)
@@ -159,8 +165,9 @@ class FaultMix:
     @classmethod
     def none(cls) -> FaultMix:
         return cls(api_5xx=0, api_429=0, api_drop=0, api_drop_after=0, api_latency=0, api_burst_every=(1e9, 1e9),
+                   ack_lost_every=None,
                    pod_fail_running=0, pod_fail_start=0, pod_vanish_running=0, pod_vanish_pending=0,
-                   pod_hang_pending=0, watch_410_every=None, hold_every=None, delay_every=None,
+                   pod_hang_pending=0, pod_lease_lost=0, watch_410_every=None, hold_every=None, delay_every=None,
                    kube_error_every=None, kill_every=None)
 
     def describe(self) -> str:
@@ -271,7 +278,7 @@ class SoakResult:
             f"operator starts: {self.operator_starts}; pod fates: {dict(self.fates)}",
             f"API fault rules fired: {dict(self.api_faults_fired)}",
             f"fault episodes: {dict(self.episodes)}",
-            f"redelivered after a worker died unnoticed: {len(self.redelivered)}",
+            f"served again by a fresh pod after its lease ran out: {len(self.redelivered)}",
         ]
         if self.anomalies:
             lines.append(f"anomalies ({len(self.anomalies)}): {self.anomalies[:10]}")
@@ -407,7 +414,7 @@ class SoakCluster:
         roll = self.rng.random()
         for fate, rate in (("fail_running", mix.pod_fail_running), ("fail_start", mix.pod_fail_start),
                            ("vanish_running", mix.pod_vanish_running), ("vanish_pending", mix.pod_vanish_pending),
-                           ("hang_pending", mix.pod_hang_pending)):
+                           ("hang_pending", mix.pod_hang_pending), ("lease_lost", mix.pod_lease_lost)):
             if roll < rate:
                 return fate
             roll -= rate
@@ -479,7 +486,19 @@ class SoakCluster:
             record.note = f"heartbeat answered {status} {body.get('state') or body.get('error', {}).get('message')}"
             self._finish(record, exit_code=0)  # the SDK gives the item up; the worker exits 0
             return
+        last_beat = str(body.get("last_heartbeat") or "")
         await asyncio.sleep(self.rng.uniform(*self.config.work_for))
+        if record.fate == "lease_lost":
+            with contextlib.suppress(ValueError):  # already stopped, or queued again: nothing to expire
+                self.world.emulator.state.expire_lease(record.work_id)
+            await asyncio.sleep(self.rng.uniform(1.0, 3.0))  # offered again meanwhile, while this pod runs
+            again = await self._call(record, "heartbeat", token, expected=last_beat)
+            if again is None or again[0] != 200 or not again[1].get("lease_extended"):
+                record.note = f"lease lost; next heartbeat answered {again[0] if again else 'nothing'}"
+                self._finish(record, exit_code=0)  # the SDK gives the item up; the worker exits 0
+                return
+            record.note = "lease lost, yet the next heartbeat was accepted"
+            self.anomalies.append(f"{record.work_id}: {record.note} ({again[1]})")
         if record.fate == "fail_running":
             self._finish(record, exit_code=137)
             return
@@ -547,13 +566,18 @@ class SoakCluster:
                     self.kubelet.fail(record.name, self.world.namespace, exit_code=exit_code)
         self._end(record)
 
-    async def _call(self, record: PodRecord, verb: str, token: str) -> tuple[int, dict[str, Any]] | None:
-        """The worker's heartbeat or force-stop with its sessions token, retried as the SDK retries
-        (5xx, 429 after its retry-after, dropped connections), for at most a minute."""
+    async def _call(self, record: PodRecord, verb: str, token: str,
+                    expected: str | None = None) -> tuple[int, dict[str, Any]] | None:
+        """The worker's heartbeat (with ``expected_last_heartbeat``, as the SDK sends it) or force-stop with
+        its sessions token, retried as the SDK retries (5xx, 429 after its retry-after, dropped
+        connections), for at most a minute. A heartbeat whose answer was lost is retried without the
+        precondition (the first attempt may have moved the stored heartbeat on)."""
         assert self._http is not None
         env_id = self.world.environment.id
         url = f"{self.world.emulator.base_url}/v1/environments/{env_id}/work/{record.work_id}/{verb}"
         params = {"desired_ttl_seconds": "90"} if verb == "heartbeat" else {}
+        if verb == "heartbeat" and expected is not None:
+            params["expected_last_heartbeat"] = expected
         body = {"force": True} if verb == "stop" else {}
         deadline = self.clock() + 60
         attempt = 0
@@ -567,6 +591,7 @@ class SoakCluster:
                     text = await response.text()
                     retry_after = response.headers.get("retry-after-ms")
             except (aiohttp.ClientError, TimeoutError):
+                params.pop("expected_last_heartbeat", None)
                 await asyncio.sleep(pause)
                 continue
             if status == 429 or status >= 500:
@@ -634,6 +659,7 @@ class Faults:
             self.note(f"API fault rules on: {len(rules)}")
         episodes: list[tuple[tuple[float, float] | None, Callable[[], Coroutine[Any, Any, None]]]] = [
             (mix.api_burst_every if mix.api_burst_every[0] < 1e8 else None, self.api_burst),
+            (mix.ack_lost_every, self.ack_lost),
             (mix.watch_410_every, self.watch_410),
             (mix.hold_every, self.hold),
             (mix.delay_every, self.delay),
@@ -677,7 +703,14 @@ class Faults:
     async def api_burst(self) -> None:
         route = self.rng.choice(API_ROUTES)
         times = self.rng.randint(2, 6)
-        if self.rng.random() < 0.5:
+        roll = self.rng.random()
+        if roll < 0.25 and route in ("work.ack", "work.stop"):
+            # A network blip: the requests take effect, and their answers are lost, several in a row.
+            rule = {"route": route, "effect": "drop", "when": "after", "times": times}
+            self.world.emulator.faults.add({"faults": [rule]})
+            self.note(f"API burst: {route} applied, answer dropped x{times}", "api burst")
+            return
+        if roll < 0.6:
             rule = {"route": route, "effect": "error", "status": 429, "times": times,
                     "retry_after_ms": self.rng.randint(*self.mix.api_429_retry_after_ms)}
         else:
@@ -685,6 +718,12 @@ class Faults:
                     "times": times}
         self.world.emulator.faults.add({"faults": [rule]})
         self.note(f"API burst: {route} {rule['status']} x{times}", "api burst")
+
+    async def ack_lost(self) -> None:
+        times = self.rng.randint(4, 8)
+        self.world.emulator.faults.add({"faults": [
+            {"route": "work.ack", "effect": "drop", "when": "after", "times": times}]})
+        self.note(f"API blip: the next {times} acks applied, their answers dropped", "ack answers lost")
 
     async def watch_410(self) -> None:
         """Pod watches held and broken, pods move on meanwhile, history compacted: the resumed watches
