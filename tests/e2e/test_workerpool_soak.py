@@ -46,7 +46,7 @@ async def test_a_soak_under_faults_loses_nothing_serves_nothing_twice_and_leaves
     assert not result.anomalies, report
     # The soak did what it says: faults of every kind fired, and most items were still served.
     assert result.operator_starts >= 3, report
-    assert result.fates["serve"] >= 150 and len(result.fates) == 6, report
+    assert result.fates["serve"] >= 150 and len(result.fates) >= 6, report
     assert {"watch 410", "api burst"} <= set(result.episodes), report
     assert sum(result.api_faults_fired.values()) >= 20, report
 
