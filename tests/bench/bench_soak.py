@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -273,6 +274,11 @@ def latency_after(result: SoakResult, kills_until: float) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     from tests.harness.soak import log_lines_about
+
+    # SIGTERM ends the run like Ctrl-C: the operator process is stopped on the way out.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
 
     mix = FaultMix.none() if args.no_faults else FaultMix(
         kill_every=(args.kill_every[0], args.kill_every[1]), kills_until=args.kills_until)

@@ -676,8 +676,7 @@ class Faults:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for rule in self.world.emulator.faults.rules:
-            kind = rule.effect if rule.effect != "error" else str(rule.status)
-            self.fired[f"{rule.route} {kind}{' after' if rule.when == 'after' else ''}"] += rule.fired
+            self._count(rule)
         self.world.emulator.faults.clear()
         self.kube.clear_faults()
         self.note("every fault cleared")
@@ -700,30 +699,36 @@ class Faults:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self.rng.uniform(low, high))
 
+    async def _window(self, rule: dict[str, Any], text: str, kind: str) -> None:
+        """A fault rule for a short window (1-3 s, and at most its ``times``): a blip lasts a while, however
+        few requests arrive meanwhile (a rule left until its ``times`` ran out would fail every later
+        request while the operator backs off, and keep it backing off)."""
+        (added,) = self.world.emulator.faults.add({"faults": [rule]})
+        self.note(text, kind)
+        await self._sleep(1.0, 3.0)
+        with contextlib.suppress(ValueError):
+            self.world.emulator.faults.rules.remove(added)
+        self._count(added)
+
+    def _count(self, rule: Any) -> None:
+        kind = rule.effect if rule.effect != "error" else str(rule.status)
+        self.fired[f"{rule.route} {kind}{' after' if rule.when == 'after' else ''}"] += rule.fired
+
     async def api_burst(self) -> None:
         route = self.rng.choice(API_ROUTES)
         times = self.rng.randint(2, 6)
-        roll = self.rng.random()
-        if roll < 0.25 and route in ("work.ack", "work.stop"):
-            # A network blip: the requests take effect, and their answers are lost, several in a row.
-            rule = {"route": route, "effect": "drop", "when": "after", "times": times}
-            self.world.emulator.faults.add({"faults": [rule]})
-            self.note(f"API burst: {route} applied, answer dropped x{times}", "api burst")
-            return
-        if roll < 0.6:
+        if self.rng.random() < 0.5:
             rule = {"route": route, "effect": "error", "status": 429, "times": times,
                     "retry_after_ms": self.rng.randint(*self.mix.api_429_retry_after_ms)}
         else:
             rule = {"route": route, "effect": "error", "status": self.rng.choice([500, 502, 503, 504]),
                     "times": times}
-        self.world.emulator.faults.add({"faults": [rule]})
-        self.note(f"API burst: {route} {rule['status']} x{times}", "api burst")
+        await self._window(rule, f"API burst: {route} {rule['status']} (up to {times} requests)", "api burst")
 
     async def ack_lost(self) -> None:
         times = self.rng.randint(4, 8)
-        self.world.emulator.faults.add({"faults": [
-            {"route": "work.ack", "effect": "drop", "when": "after", "times": times}]})
-        self.note(f"API blip: the next {times} acks applied, their answers dropped", "ack answers lost")
+        await self._window({"route": "work.ack", "effect": "drop", "when": "after", "times": times},
+                           f"API blip: acks applied, their answers dropped (up to {times})", "ack answers lost")
 
     async def watch_410(self) -> None:
         """Pod watches held and broken, pods move on meanwhile, history compacted: the resumed watches
