@@ -256,7 +256,7 @@ def report(args: argparse.Namespace, result: SoakResult, operator: Any) -> None:
     for name, value in rows:
         print(f"| {name} | {value} |")
     if result.anomalies:
-        print(f"\nanomalies: {result.anomalies[:20]}")
+        print(f"\nanomalies ({len(result.anomalies)}): {result.anomalies[:20]}")
 
 
 def latency_after(result: SoakResult, kills_until: float) -> str:
@@ -281,7 +281,8 @@ async def run(args: argparse.Namespace) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
 
     mix = FaultMix.none() if args.no_faults else FaultMix(
-        kill_every=(args.kill_every[0], args.kill_every[1]), kills_until=args.kills_until)
+        kill_every=(args.kill_every[0], args.kill_every[1]), kills_until=args.kills_until,
+        unnoticed_vanish=args.unnoticed_vanish)
     with tempfile.TemporaryDirectory() as tmp:
         async with soak_world(Path(tmp), args.operator, args.relist_seconds) as world:
             operator = world.operator
@@ -290,6 +291,7 @@ async def run(args: argparse.Namespace) -> int:
             config = SoakConfig(
                 items=args.items, seed=args.seed, enqueue_seconds=args.items / args.rate,
                 max_workers=args.max_workers, drain_timeout=args.drain_timeout, faults=mix, prune_records=True,
+                ttl_seconds_after_finished=args.ttl,
                 rss_of=operator.rss if isinstance(operator, ProcessOperator) else None,
                 rss_label="the operator process" if isinstance(operator, ProcessOperator)
                 else "this process (the operator runs in a thread of it)",
@@ -306,7 +308,7 @@ async def run(args: argparse.Namespace) -> int:
                 args.dump_log.write_text("\n".join(
                     f"{time.strftime('%H:%M:%S', time.localtime(line.created))} {line.getMessage()}"
                     for line in operator.logs) + "\n\nevents:\n" + "\n".join(text for _, text in result.events))
-            if not result.ok or result.drain_seconds is None:
+            if not result.ok or result.drain_seconds is None or result.anomalies:
                 bad = result.lost + result.served_twice + result.hanging
                 print("\nFAILED:\n" + result.summary())
                 print("events:\n" + "\n".join(f"  {at:9.2f} {text}" for at, text in result.events))
@@ -328,6 +330,9 @@ def main() -> None:
                         help="crashes only in this first share of the enqueue phase")
     parser.add_argument("--relist-seconds", type=int, default=10)
     parser.add_argument("--drain-timeout", type=float, default=300.0)
+    parser.add_argument("--ttl", type=int, default=30, help="the pool's ttlSecondsAfterFinished")
+    parser.add_argument("--unnoticed-vanish", action="store_true",
+                        help="let pods vanish where the operator can miss it (a known defect: items are lost)")
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--dump-log", type=Path, help="write the operator's output lines here at the end")
     args = parser.parse_args()

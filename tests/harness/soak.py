@@ -183,7 +183,9 @@ class SoakConfig:
     # Must exceed the 10 s after which a gated pod whose dispatch ended (a crash between ack and release)
     # is looked at again: the operator counts the startup timeout from the pod's creation.
     startup_timeout_seconds: int = 20
-    ttl_seconds_after_finished: int = 2
+    # Well above the few seconds a lease-lost item takes to get a fresh pod: with 2 s, the TTL cleanup
+    # of its previous pod can delete the fresh pod's Secret (a known defect, see the README's "Soak").
+    ttl_seconds_after_finished: int = 30
     drain_timeout: float = 120.0
     faults: FaultMix = dataclasses.field(default_factory=FaultMix)
     # Worker timings (seconds): release -> Running, heartbeat -> stop.
@@ -229,7 +231,12 @@ class ItemRecord:
 
     @property
     def faulted(self) -> bool:
-        return any(p.fate != "serve" or p.note for p in self.pods)
+        """Whether the soak gave one of its pods a fault (its fate, or API faults its worker gave up on).
+
+        A pod that could not start for the operator's own doing (released without its Secret) or whose
+        worker found its item already stopped is no fault of the soak's: such an item, stopped unserved,
+        counts as lost."""
+        return any(p.fate != "serve" or p.note.startswith("worker gave up") for p in self.pods)
 
 
 @dataclasses.dataclass
@@ -282,7 +289,8 @@ class SoakResult:
         ]
         if self.anomalies:
             lines.append(f"anomalies ({len(self.anomalies)}): {self.anomalies[:10]}")
-        for work_id in (self.lost + self.served_twice + self.hanging)[:10]:
+        shown = [*self.lost, *self.served_twice, *self.hanging, *(a.split(":")[0] for a in self.anomalies)]
+        for work_id in list(dict.fromkeys(shown))[:10]:
             lines.append(f"  {work_id}: {self.details.get(work_id, '')}")
         return "\n".join(lines)
 
@@ -452,7 +460,7 @@ class SoakCluster:
             return  # the operator's startup timeout ends it
         secret = self.kube.get(SECRETS, work_secret_name(record.work_id), namespace)
         if secret is None:
-            self.anomalies.append(f"pod {record.name} released without its Secret")
+            self.anomalies.append(f"{record.work_id}: pod {record.name} released without its Secret")
             record.note = "released without its Secret"
             self.kubelet.waiting(record.name, namespace, "CreateContainerConfigError",
                                  f'secret "{work_secret_name(record.work_id)}" not found')
@@ -926,7 +934,7 @@ async def run_soak(world: World, config: SoakConfig) -> SoakResult:
             rss_samples.append((clock() - started, rss_of()))
             say(_progress(items, cluster, world, clock() - started, rss_samples[-1][1]))
     # Let the last pods finish and be cleaned up, so the end RSS is a settled one.
-    await asyncio.sleep(min(3.0, config.ttl_seconds_after_finished + 1.0) if drained_at else 0)
+    await asyncio.sleep(3.0 if drained_at else 0)
     harvest.run()
     harvest.prune_kube_and_logs()
     rss_end = rss_of()
@@ -999,8 +1007,35 @@ def _judge(world: World, config: SoakConfig, items: dict[str, ItemRecord], clust
         work_id = anomaly.split(":")[0]
         if "still run" in anomaly and work_id not in twice:
             twice.append(work_id)
+        if work_id in details:
+            details[work_id] += "; history: " + history(world.kube, work_id)
+        elif work_id in items:
+            item = items[work_id]
+            details[work_id] = (f"state {work[work_id].state}; pods: " + "; ".join(
+                f"{p.name} uid {p.uid[:8]} fate {p.fate}, released {_t(p.released_at)}, ran {_t(p.ran_at)}, "
+                f"ended {_t(p.ended_at)}, served {p.served} {p.note}" for p in item.pods)
+                + "; history: " + history(world.kube, work_id))
     return {"lost": lost, "served_twice": twice, "hanging": hanging, "redelivered": redelivered,
             "details": details}
+
+
+def history(kube: Kube, work_id: str) -> str:
+    """Every change of the item's pods and Secret in the apiserver, in order (revision, what, which)."""
+    from environments_operator.domain.worker_manifests import worker_pod_name
+
+    pod, secret = worker_pod_name(work_id), work_secret_name(work_id)
+    lines = []
+    for resource, name in ((PODS, pod), (SECRETS, secret)):
+        for change in kube.server._changes.get(resource.key, []):
+            obj = change.object
+            if obj["metadata"]["name"] != name:
+                continue
+            what = f"{resource.kind} {change.type} uid {obj['metadata'].get('uid', '')[:8]}"
+            if resource is PODS:
+                what += (f" {(obj.get('status') or {}).get('phase', '-')}{' gated' if gated(obj) else ''}"
+                         f"{' deleting' if obj['metadata'].get('deletionTimestamp') else ''}")
+            lines.append((change.revision, what))
+    return ", ".join(f"r{revision} {what}" for revision, what in sorted(lines))
 
 
 def _t(moment: float | None) -> str:
