@@ -282,7 +282,7 @@ async def run(args: argparse.Namespace) -> int:
 
     mix = FaultMix.none() if args.no_faults else FaultMix(
         kill_every=(args.kill_every[0], args.kill_every[1]), kills_until=args.kills_until,
-        unnoticed_vanish=args.unnoticed_vanish)
+        unnoticed_vanish=args.unnoticed_vanish, notice_seconds=args.notice_seconds)
     with tempfile.TemporaryDirectory() as tmp:
         async with soak_world(Path(tmp), args.operator, args.relist_seconds) as world:
             operator = world.operator
@@ -331,6 +331,8 @@ def main() -> None:
     parser.add_argument("--relist-seconds", type=int, default=10)
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--ttl", type=int, default=30, help="the pool's ttlSecondsAfterFinished")
+    parser.add_argument("--notice-seconds", type=float, default=10.0,
+                        help="a pod vanishes only once it and the operator's watch are this old")
     parser.add_argument("--unnoticed-vanish", action="store_true",
                         help="let pods vanish where the operator can miss it (a known defect: items are lost)")
     parser.add_argument("--no-faults", action="store_true")
