@@ -16,12 +16,11 @@ strict xfail, reproduces it): a pod vanishes here only where the operator sees i
 before the operator ever saw it (while it is down, or its pod watch is broken) leaves its acknowledged item
 ``starting`` for ever. ``FaultMix(unnoticed_vanish=True)`` puts such vanishes back; the soak then fails.
 
-And one setting is kept away from a second defect: ``ttlSecondsAfterFinished`` is 30 s (the soak's default),
-not 2 s. A lease lost while its pod runs on brings the item back within seconds, with a fresh pod of the
-same name; with a TTL that short, the cleanup of the previous pod (which deletes the per-item Secret by
-name) can land after the fresh pod's Secret was written and delete it: the fresh pod, released, cannot
-start, and its item is force-stopped after ``startupTimeoutSeconds``. ``SoakConfig(ttl_seconds_after_finished=2)``
-with ``FaultMix(pod_lease_lost=0.25)`` shows it in most runs (an anomaly "released without its Secret").
+A second defect the soak found is fixed (``test_the_fresh_pods_secret_survives_the_ttl_cleanup_of_a_
+stale_previous_pod``): the TTL cleanup of an item's stale previous pod (its deletion missed during a broken
+watch, so the index held it beside the item's fresh pod of the same name) deleted the fresh pod's Secret and
+hid the fresh pod from the lifecycle. Secrets now go only with the pod that owns them, and the lifecycle
+remembers pods by UID.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import asyncio
 
 import pytest
 
-from environments_operator.devcluster.kube import PODS
+from environments_operator.devcluster.kube import PODS, SECRETS
 from environments_operator.devcluster.kubelet import gated
 from tests.e2e.conftest import WorkerPoolWorld
 from tests.harness.soak import FaultMix, SoakConfig, log_lines_about, run_soak
@@ -107,3 +106,41 @@ async def test_an_acked_item_whose_pod_vanished_unseen_is_stopped(workerpool_wor
     await world.kube.wait_until(lambda: world.work_state(work_id) == "stopped", timeout=10,
                                 message=lambda: f"the item force-stopped ({world.work_state(work_id)})")
 
+
+async def test_the_fresh_pods_secret_survives_the_ttl_cleanup_of_a_stale_previous_pod(
+        workerpool_world: WorkerPoolWorld) -> None:
+    """An item's worker goes silent and its pod ends; the item is offered again and gets a fresh pod of the
+    same name, while the pod watch is broken (resumed with 410 Gone: the relist shows the fresh pod and
+    never says the first one went, so the index keeps both). When the first pod's TTL runs out, its
+    cleanup must not touch the fresh pod's Secret: the worker in the fresh pod reads it to start."""
+    world = workerpool_world
+    (work_id,) = world.enqueue(1)
+    world.create_pool(ttlSecondsAfterFinished=5)
+    first = await world.kube.wait_until(lambda: (p := world.pod_for(work_id)) is not None and not gated(p) and p,
+                                        message="the item's first pod released")
+    name = first["metadata"]["name"]
+    world.kubelet.run(name, world.namespace)
+    state = world.emulator.state
+    state.heartbeat(world.environment.id, work_id, expected_last_heartbeat=None, desired_ttl_seconds=90)
+    world.kubelet.succeed(name, world.namespace)
+    await asyncio.sleep(0.5)  # the operator's index has the pod Succeeded
+    watches = world.kube.hold("watch", PODS, apply_first=False, times=None)
+    world.kube.break_watches(PODS)
+    await watches.wait_arrived()
+    state.expire_lease(work_id)  # its worker had gone silent: the item is offered again
+    fresh = await world.kube.wait_until(
+        lambda: (p := world.pod_for(work_id)) is not None and p["metadata"]["uid"] != first["metadata"]["uid"]
+        and not gated(p) and p, timeout=10, message="a fresh pod for the item, released")
+    world.kube.compact(PODS)
+    watches.times = 0
+    watches.release()  # resumed with 410: the relist shows the fresh pod, and never says the first one went
+    await asyncio.sleep(6.0)  # the first pod's TTL runs out
+    secret = world.kube.get(SECRETS, name + "-secret", world.namespace)
+    assert secret is not None, "the fresh pod's Secret was deleted by the cleanup of the previous pod"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == fresh["metadata"]["uid"]
+    # ... and the lifecycle still watches the fresh pod (it was hidden when memory was keyed by pod name).
+    world.kubelet.run(name, world.namespace)
+    world.kubelet.fail(name, world.namespace, exit_code=137, reason="OOMKilled")
+    await world.wait_event("WorkerFailed", timeout=15)
+    await world.kube.wait_until(lambda: world.work_state(work_id) == "stopped", timeout=15,
+                                message=lambda: f"the fresh pod's item stopped ({world.work_state(work_id)})")

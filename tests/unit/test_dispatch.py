@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -304,17 +305,18 @@ class TestLifecycle:
     def test_pods_deleted_by_the_controller_have_not_vanished(self) -> None:
         memory = PodMemory()
         plan([view("a", "Running")], memory, T0)
-        memory.deleted["a"] = T0
+        memory.deleted["uid-a"] = T0
         assert plan([], memory, T0 + timedelta(seconds=1)).vanished == ()
 
     def test_a_new_pod_under_a_deleted_pods_name_is_watched_again(self) -> None:
         memory = PodMemory()
-        plan([view("a", "Succeeded", finished=T0)], memory, T0)
-        memory.deleted["a"] = T0
-        plan([], memory, T0 + timedelta(seconds=1))
-        memory.forget_pod("a")  # the item came back and was dispatched to a fresh pod of the same name
-        fresh = view("a", "Pending", created=T0 + timedelta(seconds=2))
-        assert plan([fresh], memory, T0 + timedelta(seconds=62)).timed_out == (fresh,)
+        old = view("a", "Succeeded", finished=T0)
+        plan([old], memory, T0)
+        memory.deleted["uid-a"] = T0
+        # The item came back and was dispatched to a fresh pod of the same name (another UID); a stale
+        # index may even still hold the old one beside it.
+        fresh = dataclasses.replace(view("a", "Pending", created=T0 + timedelta(seconds=2)), uid="uid-a2")
+        assert plan([old, fresh], memory, T0 + timedelta(seconds=62)).timed_out == (fresh,)
 
     def test_a_failed_pod_that_then_vanishes_is_reported_once(self) -> None:
         memory = PodMemory()

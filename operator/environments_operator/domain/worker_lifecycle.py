@@ -39,6 +39,10 @@ class PodMemory:
     ``first_seen`` and ``finished_seen`` stand in for timestamps a pod does not carry;
     ``deleted`` holds pods the controller deleted itself (so their disappearance is expected);
     ``reported`` holds the work IDs whose abnormal end was already acted on.
+
+    Pods are keyed by ``pod_key`` (their UID): pod names derive from the work ID, so an item that comes
+    back gets a fresh pod of the same name, and what was remembered about the old pod (deleted, first
+    seen) must not apply to it, even while a stale index still holds both.
     """
 
     known: dict[str, WorkerPodView] = field(default_factory=dict)
@@ -47,15 +51,11 @@ class PodMemory:
     deleted: dict[str, datetime] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)
 
-    def forget_pod(self, name: str) -> None:
-        """A new pod was created under ``name``: what was remembered about an earlier one does not apply.
 
-        Pod names derive from the work ID, so an item that comes back after its pod ended gets a pod of
-        the same name; remembered as deleted, it would escape every lifecycle check.
-        """
-        self.deleted.pop(name, None)
-        self.first_seen.pop(name, None)
-        self.finished_seen.pop(name, None)
+
+def pod_key(view: WorkerPodView) -> str:
+    """How ``PodMemory`` knows a pod: its UID (its name only where a view has none)."""
+    return view.uid or view.name
 
 
 @dataclass(frozen=True)
@@ -102,9 +102,9 @@ def plan_lifecycle(
     plan and records the deletions it makes in ``memory.deleted``. ``in_flight`` are the work IDs
     being dispatched right now (their gated pods are that dispatch's business).
     """
-    current = {view.name: view for view in views}
-    for name in current:
-        memory.first_seen.setdefault(name, now)
+    current = {pod_key(view): view for view in views}
+    for key in current:
+        memory.first_seen.setdefault(key, now)
     timed_out: list[WorkerPodView] = []
     failed: list[WorkerPodView] = []
     expired: list[WorkerPodView] = []
@@ -119,10 +119,10 @@ def plan_lifecycle(
             elif view.deletion_deadline is not None:
                 deadlines.append(_seconds(view.deletion_deadline, now) + 0.001)
             continue
-        if view.name in memory.deleted:
+        if pod_key(view) in memory.deleted:
             continue
         if view.phase == PHASE_PENDING:
-            started = view.created_at or memory.first_seen[view.name]
+            started = view.created_at or memory.first_seen[pod_key(view)]
             age = _seconds(now, started)
             if view.gated:
                 if view.work_id in in_flight:
@@ -136,7 +136,7 @@ def plan_lifecycle(
             elif view.work_id not in memory.reported:
                 timed_out.append(view)
         elif view.finished:
-            finished = view.finished_at or memory.finished_seen.setdefault(view.name, now)
+            finished = view.finished_at or memory.finished_seen.setdefault(pod_key(view), now)
             if view.phase == PHASE_FAILED and view.work_id not in memory.reported:
                 failed.append(view)
             remaining = ttl_seconds_after_finished - _seconds(now, finished)
@@ -146,8 +146,8 @@ def plan_lifecycle(
                 deadlines.append(remaining)
 
     vanished = [
-        view for name, view in memory.known.items()
-        if name not in current and name not in memory.deleted
+        view for key, view in memory.known.items()
+        if key not in current and key not in memory.deleted
         and view.phase != PHASE_SUCCEEDED and view.work_id not in memory.reported
     ]
 

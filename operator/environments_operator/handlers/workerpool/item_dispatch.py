@@ -133,7 +133,6 @@ class ItemDispatcher:
                                     base_url=ctx.settings.worker_base_url, max_idle_seconds=spec.maxIdleSeconds)
         created = await ctx.kube.create("Pod", ctx.namespace, manifest)
         if created is not None:
-            self.lifecycle.memory.forget_pod(created["metadata"]["name"])
             ctx.created_unseen[work.work_id] = ctx.now()
             return created
         existing = await ctx.kube.get("Pod", ctx.namespace, manifest["metadata"]["name"])

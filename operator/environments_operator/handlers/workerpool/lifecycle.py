@@ -190,7 +190,7 @@ class WorkerLifecycle:
         """Delete this pod and its Secret, and only those: a newer pod of the same name (the item came back
         and got a fresh pod) and that pod's Secret are left alone."""
         ctx = self.ctx
-        self.memory.deleted[view.name] = utcnow()
+        self.memory.deleted[worker_lifecycle.pod_key(view)] = utcnow()
         await ctx.delete_quietly("Pod", view.name, uid=view.uid or None)
         name = work_secret_name(view.work_id)
         try:
