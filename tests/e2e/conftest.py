@@ -36,6 +36,7 @@ from environments_operator.devcluster.kube import (
     Kube,
 )
 from environments_operator.devcluster.kubelet import Kubelet
+from environments_operator.devcluster.process_kubelet import ProcessKubelet
 from environments_operator.emulator.server import EmulatorServer
 from environments_operator.handlers.startup import apply_kopf_settings
 from tests.harness.emulator import (
@@ -447,3 +448,14 @@ async def workerpool_world(kube: Kube, kubelet: Kubelet, monkeypatch: pytest.Mon
             leaked = world.leaked()
         assert not leaked, f"the environment key appeared in: {leaked[:5]}"
         kube.assert_all_storable(WORKERPOOLS_CRD, ENVIRONMENTS_CRD)
+
+
+@pytest.fixture
+async def process_kubelet(workerpool_world: WorkerPoolWorld, tmp_path: Path) -> AsyncIterator[ProcessKubelet]:
+    """The process kubelet on the WorkerPool world: every worker pod a real local ``environments-operator worker``."""
+    kubelet = ProcessKubelet(workerpool_world.kube, images={WORKER_IMAGE}, root=tmp_path / "node")
+    kubelet.start()
+    try:
+        yield kubelet
+    finally:
+        await kubelet.stop()

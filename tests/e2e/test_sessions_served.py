@@ -9,14 +9,12 @@ A session is served when every tool_use of its script has its result and its wor
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from anthropic import AsyncAnthropic
 
 from environments_operator.devcluster.process_kubelet import ProcessKubelet
-from tests.e2e.conftest import WORKER_IMAGE, WorkerPoolWorld
+from tests.e2e.conftest import WorkerPoolWorld
 from tests.harness.emulator import api_client
 from tests.harness.sessions import result_text, results_by_tool_use, scripted_agent, session_events
 
@@ -28,16 +26,6 @@ SCRIPT = [
     {"tool": "bash", "input": {"command": "echo \"$(cat answer.txt) from $HOSTNAME\""}},
 ]
 SESSIONS = 10
-
-
-@pytest.fixture
-async def process_kubelet(workerpool_world: WorkerPoolWorld, tmp_path: Path) -> AsyncIterator[ProcessKubelet]:
-    kubelet = ProcessKubelet(workerpool_world.kube, images={WORKER_IMAGE}, root=tmp_path / "node")
-    kubelet.start()
-    try:
-        yield kubelet
-    finally:
-        await kubelet.stop()
 
 
 async def start_sessions(api: AsyncAnthropic, world: WorkerPoolWorld, count: int) -> list[str]:

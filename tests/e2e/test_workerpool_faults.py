@@ -9,31 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from environments_operator.devcluster.kube import PODS, SECRETS, WORKERPOOLS
 from environments_operator.devcluster.process_kubelet import ProcessKubelet
 from environments_operator.domain.worker_manifests import SCHEDULING_GATE
-from tests.e2e.conftest import WORKER_IMAGE, WorkerPoolWorld
+from tests.e2e.conftest import WorkerPoolWorld
 from tests.harness.emulator import api_client, self_hosted_environment
 from tests.harness.sessions import results_by_tool_use, scripted_agent, session_events
 
 pytestmark = pytest.mark.timeout(120)
 
 SCRIPT = [{"tool": "bash", "input": {"command": "echo served"}}]
-
-
-@pytest.fixture
-async def process_kubelet(workerpool_world: WorkerPoolWorld, tmp_path: Path) -> AsyncIterator[ProcessKubelet]:
-    kubelet = ProcessKubelet(workerpool_world.kube, images={WORKER_IMAGE}, root=tmp_path / "node")
-    kubelet.start()
-    try:
-        yield kubelet
-    finally:
-        await kubelet.stop()
 
 
 def gated(pod: dict | None) -> bool:  # type: ignore[type-arg]
