@@ -37,6 +37,7 @@ from environments_operator.domain.worker_lifecycle import (
     UNRELEASED_CHECK_AFTER_SECONDS,
     PodMemory,
     orphaned_secrets,
+    owed_stop_action,
     plan_lifecycle,
     start_timeout_message,
     unreleased_pod_action,
@@ -484,6 +485,23 @@ def test_existing_pod_action(pod: WorkerPodView, action: str) -> None:
 )
 def test_unreleased_pod_action(state: str | None, age: float, action: str) -> None:
     assert unreleased_pod_action(state, age_seconds=age, startup_timeout_seconds=60) == action
+
+
+@pytest.mark.parametrize(
+    ("state", "dispatching", "action"),
+    [
+        ("queued", False, "drop"),      # offered again since the pod ended: a fresh pod serves it
+        ("starting", True, "drop"),     # claimed again by this pool right now
+        (None, True, "drop"),
+        ("starting", False, "stop"),    # acked, never heartbeat: no lease will ever run out
+        ("running", False, "stop"),     # held by a worker that no longer exists
+        ("stopping", False, "stop"),
+        ("unknown", False, "stop"),     # not among the newest items: stop rather than leave it hanging
+        (None, False, "stop"),          # gone: a harmless 404
+    ],
+)
+def test_owed_stop_action(state: str | None, dispatching: bool, action: str) -> None:
+    assert owed_stop_action(state, dispatching=dispatching) == action
 
 
 def _ready(status: str, reason: str, message: str = "m") -> list[dict[str, Any]]:

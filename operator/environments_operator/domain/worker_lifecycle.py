@@ -251,6 +251,24 @@ def unreleased_pod_action(item_state: str | None, *, age_seconds: float, startup
     return "delete"
 
 
+OwedStopAction = Literal["stop", "drop"]
+
+
+def owed_stop_action(item_state: str | None, *, dispatching: bool) -> OwedStopAction:
+    """Whether a stop owed for a failed or vanished pod's item is still owed, given the item's state now.
+
+    Such a stop is owed to one delivery of the item, the one that pod held. An item offered again
+    since (its lease ran out: ``queued``, or being dispatched by this pool right now) is a new delivery,
+    which a fresh pod serves: stopping it would end the session its fresh pod is about to run. Every
+    other state is stopped: ``starting`` and ``running`` items are held by a worker that no longer
+    exists (a ``starting`` one never heartbeat, so no lease will ever run out), and stopping a stopped or
+    missing item is a harmless 409 or 404.
+    """
+    if dispatching or item_state == "queued":
+        return "drop"
+    return "stop"
+
+
 def abandoned_message(view: WorkerPodView, timeout_seconds: float) -> str:
     return (f"worker pod {view.name} for work item {view.work_id} was never released: its item was not "
             f"acknowledged within {timeout_seconds:g}s, so no worker ran; the pod is being deleted and the item, "

@@ -80,6 +80,7 @@ class ItemDispatcher:
             with contextlib.suppress(WorkApiError):
                 await queue.stop(item.work_id, force=True)
             return
+        await self.lifecycle.before_redelivery(item.work_id)
         work = WorkAssignment(work_id=item.work_id, environment_id=item.environment_id,
                               session_id=item.session_id, secret=item.secret)
         kind = "Pod"

@@ -44,6 +44,9 @@ class OwedStop:
     environment_id: str | None
     # The pod to delete once the stop went through (a timed-out pod is the durable record of its debt).
     then_delete: WorkerPodView | None = None
+    # Owed only to the delivery the pod held (a failed or vanished pod): an item offered again since is
+    # served by a fresh pod instead (``worker_lifecycle.owed_stop_action``).
+    this_delivery_only: bool = False
 
 
 class WorkerLifecycle:
@@ -56,6 +59,7 @@ class WorkerLifecycle:
         self.pending_stops: dict[str, OwedStop] = {}  # work id -> the stop owed
         # Owed force-stops are retried on a fixed beat (STOP_RETRY_SECONDS); attempts counts the failed rounds.
         self.stop_backoff = Backoff()
+        self.stops_in_flight: dict[str, asyncio.Event] = {}  # work id -> set when its stop call is over
         self.next_lifecycle_check: float | None = None
         self.next_sweep_at = 0.0
         self.next_relist_at = 0.0
@@ -76,9 +80,11 @@ class WorkerLifecycle:
             message = worker_lifecycle.start_timeout_message(view, startup_timeout)
             self._report_and_owe_stop(view, worker_lifecycle.WORKER_START_TIMEOUT, message, then_delete=True)
         for view in plan.failed:
-            self._report_and_owe_stop(view, worker_lifecycle.WORKER_FAILED, worker_lifecycle.failed_message(view))
+            self._report_and_owe_stop(view, worker_lifecycle.WORKER_FAILED, worker_lifecycle.failed_message(view),
+                                      this_delivery_only=True)
         for view in plan.vanished:
-            self._report_and_owe_stop(view, worker_lifecycle.WORKER_VANISHED, worker_lifecycle.vanished_message(view))
+            self._report_and_owe_stop(view, worker_lifecycle.WORKER_VANISHED, worker_lifecycle.vanished_message(view),
+                                      this_delivery_only=True)
             actions.append(ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
         for view in plan.expired:
             if view.work_id not in self.pending_stops:  # a failed pod stays until its item is stopped
@@ -156,17 +162,40 @@ class WorkerLifecycle:
         metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason=reason).inc()
 
     def _report_and_owe_stop(self, view: WorkerPodView, reason: str, message: str, *,
-                             then_delete: bool = False) -> None:
+                             then_delete: bool = False, this_delivery_only: bool = False) -> None:
         """An abnormal end: the item must be stopped (no session left hanging), and people must know."""
         self.pending_stops[view.work_id] = OwedStop(reason, view.environment_id or self.ctx.environment_id,
-                                                    view if then_delete else None)
+                                                    view if then_delete else None, this_delivery_only)
         self._report(view, reason, message)
+
+    async def before_redelivery(self, work_id: str) -> None:
+        """The item was claimed again: a stop owed to its earlier delivery no longer is, and one in flight
+        is waited for (it may have landed: the ack is then refused, and the item's state decides)."""
+        in_flight = self.stops_in_flight.get(work_id)
+        if in_flight is not None:
+            await in_flight.wait()
+        owed = self.pending_stops.get(work_id)
+        if owed is not None and owed.this_delivery_only:
+            del self.pending_stops[work_id]
 
     async def _stop_pending(self) -> None:
         async def stop(work_id: str, owed: OwedStop) -> bool:
             queue = self.queue_for(owed.environment_id)
             if queue is None:
                 return False
+            done = self.stops_in_flight[work_id] = asyncio.Event()
+            try:
+                return await stop_through(queue, work_id, owed)
+            finally:
+                done.set()
+                if self.stops_in_flight.get(work_id) is done:
+                    del self.stops_in_flight[work_id]
+
+        async def stop_through(queue: WorkQueue, work_id: str, owed: OwedStop) -> bool:
+            if owed.this_delivery_only and await self._offered_again(queue, work_id):
+                self.ctx.logger.info("work item %s was offered again after its pod ended; a fresh pod serves it, "
+                                     "so it is not stopped", work_id)
+                return True
             try:
                 await queue.stop(work_id, force=True)  # 404 and 409 (gone, already stopped) count as done
             except WorkApiError as exc:
@@ -185,6 +214,19 @@ class WorkerLifecycle:
             self.stop_backoff = self.stop_backoff.failed(pause_until=self.ctx.now() + STOP_RETRY_SECONDS, problem=None)
         else:
             self.stop_backoff = Backoff()
+
+    async def _offered_again(self, queue: WorkQueue, work_id: str) -> bool:
+        """Whether the item is a new delivery now (``owed_stop_action``). A state that cannot be read (a
+        client holding only the API key, which ``work.list`` refuses; an outage) counts as not: the stop
+        goes out, as it would have before the item could come back."""
+        if work_id in self.ctx.dispatching:
+            return True
+        try:
+            state = await queue.state(work_id)
+        except WorkApiError as exc:
+            self.ctx.logger.debug("reading the state of work item %s failed: %s", work_id, exc)
+            return False
+        return worker_lifecycle.owed_stop_action(state, dispatching=work_id in self.ctx.dispatching) == "drop"
 
     async def delete_worker(self, view: WorkerPodView) -> None:
         """Delete this pod and its Secret, and only those: a newer pod of the same name (the item came back
