@@ -9,6 +9,7 @@ Modules (import them as ``tests.harness.<module>``):
 - ``pruning``: what a real apiserver would prune from / reject in a stored custom object;
 - ``recorder``: the per-test and session-wide record of requests in RBAC terms;
 - ``apimachinery``: selectors, patch formats and validation rules the fake apiserver applies;
+- ``incluster``: a tiny HTTPS in-cluster API (get and watch of one namespace's Secrets) for warm workers;
 - ``plugin``: the pytest fixtures (``kube``, ``kubelet``) and hooks, loaded by ``tests/conftest.py``.
 Also here, owned by others: ``emulator`` (the Environments API emulator for tests) and ``crd_validation``
 (schema + CEL validation of custom objects; ``kube.install_crd`` uses its CEL part on every write).
