@@ -38,8 +38,17 @@ What is filled in over kmock 0.8 (each rule lives in ``FakeApiServer`` below or 
 - errors: standard Status bodies and reasons (NotFound, AlreadyExists, Conflict, Forbidden, Invalid, ...);
 - watch faults, on request only: ``Kube.compact`` (a watch from a compacted resourceVersion gets one ERROR
   event with a 410 Expired Status, then the stream ends) and ``Kube.break_watches`` (open streams end now);
-- slow calls, on request only: ``Kube.delay`` answers (and applies) matching requests only after a while.
-Not emulated: garbage collection (ownerReferences), admission (but for ``delay``), RBAC enforcement, server-side apply,
+- slow calls, on request only: ``Kube.delay`` answers (and applies) matching requests only after a while;
+- ServiceAccount admission: creating a pod whose ``spec.serviceAccountName`` names a ServiceAccount other
+  than ``default`` that its namespace lacks is refused with 403 Forbidden, as the admission plugin does
+  (``default`` always counts as existing); serviceaccounts, roles and rolebindings are served and stored;
+- pods' requests: what the in-cluster front (``incluster``) forwards, marked with ``IMPERSONATE_USER_HEADER``,
+  is served by the same rules but recorded apart (``Kube.incluster_calls``), and faults, holds and delays
+  (which are for the operator's requests) leave it alone. Authentication and RBAC (Roles and RoleBindings)
+  are enforced by that front, for pods' tokens; this plain HTTP endpoint, the operator's, allows everything.
+Not emulated: garbage collection (ownerReferences), admission (but for ``delay`` and the ServiceAccount
+check above: no defaulting of ``serviceAccountName``, no token volume added to a pod's spec, no token
+Secrets for ServiceAccounts), RBAC on this endpoint, ClusterRoles and ClusterRoleBindings, server-side apply,
 graceful pod termination by default (a deleted pod without finalizers is gone at once; in graceful mode,
 the immediate deletion of unscheduled pods, as the fake's kubelets never set ``spec.nodeName``),
 ``limit``/``continue``,
@@ -153,6 +162,9 @@ NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False, sub
 EVENTS = Resource("", "v1", "events", "Event", shortnames=("ev",))
 PODS = Resource("", "v1", "pods", "Pod", subresources=("status",), shortnames=("po",), categories=("all",))
 SECRETS = Resource("", "v1", "secrets", "Secret")
+SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts", "ServiceAccount", shortnames=("sa",))
+ROLES = Resource("rbac.authorization.k8s.io", "v1", "roles", "Role")
+ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding")
 ENVIRONMENTS = Resource("managedagents.dev", "v1alpha1", "environments", "Environment", subresources=("status",),
                         shortnames=("menv",), categories=("managedagents",))
 WORKERPOOLS = Resource("managedagents.dev", "v1alpha1", "workerpools", "WorkerPool", subresources=("status",),
@@ -160,8 +172,13 @@ WORKERPOOLS = Resource("managedagents.dev", "v1alpha1", "workerpools", "WorkerPo
 KOPF_PEERINGS = Resource("kopf.dev", "v1", "kopfpeerings", "KopfPeering")
 CLUSTER_KOPF_PEERINGS = Resource("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False)
 
-DEFAULT_RESOURCES = (CRDS, NAMESPACES, EVENTS, PODS, SECRETS, ENVIRONMENTS, WORKERPOOLS,
-                     KOPF_PEERINGS, CLUSTER_KOPF_PEERINGS)
+DEFAULT_RESOURCES = (CRDS, NAMESPACES, EVENTS, PODS, SECRETS, SERVICEACCOUNTS, ROLES, ROLEBINDINGS,
+                     ENVIRONMENTS, WORKERPOOLS, KOPF_PEERINGS, CLUSTER_KOPF_PEERINGS)
+# The header with which the in-cluster front (``incluster``) forwards a pod's request, naming the user it
+# authenticated (as a real apiserver's impersonation header does). Such a request is served by the same
+# rules, but it is not an operator request: it is recorded in ``incluster_calls``, not in ``calls`` (nor in
+# the RBAC record), and the faults, holds and delays that tests set for the operator do not touch it.
+IMPERSONATE_USER_HEADER = "Impersonate-User"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +273,9 @@ class _WatchStream:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Route:
+class Route:
+    """A resource request's attributes, as the apiserver's RequestInfo has them (verb in RBAC terms)."""
+
     verb: str
     group: str
     version: str
@@ -266,7 +285,7 @@ class _Route:
     subresource: str | None
 
 
-def _parse_route(method: str, path: str, query: Mapping[str, str]) -> _Route | None:
+def parse_route(method: str, path: str, query: Mapping[str, str]) -> Route | None:
     """Split a resource URL; ``None`` for discovery and anything else that is not a resource request."""
     parts = [part for part in path.split("/") if part]
     if len(parts) >= 3 and parts[0] == "api":
@@ -288,7 +307,7 @@ def _parse_route(method: str, path: str, query: Mapping[str, str]) -> _Route | N
         verb = "delete" if name else "deletecollection"
     else:
         verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
-    return _Route(verb, group, version, plural, namespace, name, subresource)
+    return Route(verb, group, version, plural, namespace, name, subresource)
 
 
 def _now(seconds_later: float = 0) -> str:
@@ -317,6 +336,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
     """
 
     calls: list[ApiCall] = attrs.field(factory=list, init=False)
+    # Pods' requests through the in-cluster front: (the user it authenticated, the request).
+    incluster_calls: list[tuple[str, ApiCall]] = attrs.field(factory=list, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
     holds: list[Hold] = attrs.field(factory=list, init=False)
     delays: list[Delay] = attrs.field(factory=list, init=False)
@@ -383,16 +404,20 @@ class FakeApiServer(kmock.KubernetesEmulator):
     # --- HTTP entry point ---------------------------------------------------------------------------------
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
-        route = _parse_route(raw_request.method, raw_request.path, raw_request.query)
+        route = parse_route(raw_request.method, raw_request.path, raw_request.query)
         if route is None:
             return await super().__call__(raw_request)
         body = await raw_request.read()
         call = ApiCall(route.verb, route.group, route.plural, route.subresource, route.namespace, route.name)
-        record_call(self.calls, call)
+        impersonated = IMPERSONATE_USER_HEADER in raw_request.headers
+        if impersonated:  # a pod's request through the in-cluster front, not the operator's
+            self.incluster_calls.append((raw_request.headers[IMPERSONATE_USER_HEADER], call))
+        else:
+            record_call(self.calls, call)
         self.notify()
         response: aiohttp.web.StreamResponse
         try:
-            response = await self._serve(raw_request, route, call, body)
+            response = await self._serve(raw_request, route, call, body, injected=not impersonated)
         except ApiError as error:
             response = aiohttp.web.json_response(error.status_body(), status=error.code)
         except Exception as error:  # a bug in this harness: answer like an apiserver would, fail at teardown
@@ -401,8 +426,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         call.status = response.status
         return response
 
-    async def _serve(self, raw: aiohttp.web.BaseRequest, route: _Route, call: ApiCall,
-                     body: bytes) -> aiohttp.web.StreamResponse:
+    async def _serve(self, raw: aiohttp.web.BaseRequest, route: Route, call: ApiCall,
+                     body: bytes, *, injected: bool = True) -> aiohttp.web.StreamResponse:
         resource = self._declared.get((route.group, route.version, route.plural))
         if resource is None or (route.namespace is not None and not resource.namespaced):
             raise ApiError(404, "the server could not find the requested resource")
@@ -416,18 +441,20 @@ class FakeApiServer(kmock.KubernetesEmulator):
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
 
-        delay = next((d for d in self.delays if d.matches(call)), None)
+        # Faults, holds and delays act on the operator's requests only (``injected``), not on pods'.
+        delay = next((d for d in self.delays if injected and d.matches(call)), None)
         if delay is not None:  # before anything else, as a slow admission webhook or a slow etcd would be
             delay.hits += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closed.wait(), delay.seconds)
-        fault = next((f for f in self.faults if f.matches(call) and (f.when is None or f.when(payload))), None)
+        fault = next((f for f in self.faults if injected and f.matches(call)
+                      and (f.when is None or f.when(payload))), None)
         if fault is not None:
             fault.hits += 1
             raise ApiError(fault.code, fault.message or self._fault_message(fault, route, payload),
                            reason=fault.reason, details={"name": route.name or "", "group": route.group,
                                                          "kind": route.plural})
-        hold = next((h for h in self.holds if h.matches(call)), None)
+        hold = next((h for h in self.holds if injected and h.matches(call)), None)
         if hold is not None:
             hold.hits += 1
             if not hold.apply_first or route.verb == "watch":  # a watch has nothing to apply first
@@ -443,7 +470,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
             result = self._table(resource, route, result)
         return aiohttp.web.json_response(result, status=code)
 
-    def _table(self, resource: Resource, route: _Route, result: JSON) -> JSON:
+    def _table(self, resource: Resource, route: Route, result: JSON) -> JSON:
         """``result`` as the Table ``kubectl get`` asks for, with the CRD's printer columns."""
         crd = None if resource.builtin else self.get_object(CRDS, None, f"{resource.plural}.{resource.group}")
         objects = result.get("items", []) if route.verb == "list" else [result]
@@ -455,7 +482,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
         await hold.released.wait()
 
     @staticmethod
-    def _fault_message(fault: Fault, route: _Route, payload: JSON | None) -> str:
+    def _fault_message(fault: Fault, route: Route, payload: JSON | None) -> str:
         name = route.name or ((payload or {}).get("metadata") or {}).get("name") or ""
         return {
             403: f'{route.plural} "{name}" is forbidden: injected by the test harness',
@@ -464,7 +491,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
             422: f'{fault.resource.kind} "{name}" is invalid: injected by the test harness',
         }.get(fault.code, f"injected by the test harness (HTTP {fault.code})")
 
-    def _dispatch(self, resource: Resource, route: _Route, payload: Any, content_type: str,
+    def _dispatch(self, resource: Resource, route: Route, payload: Any, content_type: str,
                   query: Mapping[str, str]) -> tuple[int, JSON]:
         namespace, name, verb = route.namespace, route.name, route.verb
         if verb == "list":
@@ -574,6 +601,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
         errors = apimachinery.name_errors(name, dns_label=resource.key == NAMESPACES.key)
         if errors:
             raise ApiError(422, f'{resource.kind} "{name}" is invalid: ' + "; ".join(errors))
+        if resource.key == PODS.key:
+            self._admit_service_account(name, namespace, new.get("spec"))
         if self.get_object(resource, namespace, name) is not None:
             raise ApiError(409, f'{resource.plural}{"." + resource.group if resource.group else ""} '
                                 f'"{name}" already exists', reason="AlreadyExists",
@@ -708,6 +737,16 @@ class FakeApiServer(kmock.KubernetesEmulator):
             return self._commit(resource, "DELETED", new, old)
         return self._commit(resource, "MODIFIED", new, old)
 
+    def _admit_service_account(self, name: str, namespace: str | None, spec: Any) -> None:
+        """The ServiceAccount admission plugin's refusal: a new pod may only name a ServiceAccount that
+        exists in its namespace (``default`` counts as existing: a real cluster makes it per namespace)."""
+        spec = spec if isinstance(spec, dict) else {}
+        account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        if account != "default" and self.get_object(SERVICEACCOUNTS, namespace, account) is None:
+            raise ApiError(403, f'pods "{name}" is forbidden: error looking up service account '
+                                f'{namespace}/{account}: serviceaccount "{account}" not found',
+                           details={"name": name, "kind": "pods"})
+
     def _admit(self, resource: Resource, new: JSON, old: JSON | None) -> None:
         """The per-kind rules every create and update passes: labels, pod spec immutability, secrets'
         data, and installed CRD schemas (defaults, pruning, types, CEL rules)."""
@@ -749,7 +788,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
     # --- watching -----------------------------------------------------------------------------------------
 
     async def _stream_watch(self, raw: aiohttp.web.BaseRequest, resource: Resource,
-                            route: _Route) -> aiohttp.web.StreamResponse:
+                            route: Route) -> aiohttp.web.StreamResponse:
         query = raw.query
         labels_match = apimachinery.label_selector(query.get("labelSelector"))
         fields_match = apimachinery.field_selector(query.get("fieldSelector"))
@@ -1113,6 +1152,11 @@ class Kube:
     def calls(self) -> builtins.list[ApiCall]:
         """Every operator request so far, in order (verbs in RBAC terms)."""
         return self.server.calls
+
+    @property
+    def incluster_calls(self) -> builtins.list[tuple[str, ApiCall]]:
+        """Every request that pods sent through the in-cluster front and it let through: (user, request)."""
+        return self.server.incluster_calls
 
     def rbac_uses(self) -> set[RbacUse]:
         return {call.rbac for call in self.server.calls}
