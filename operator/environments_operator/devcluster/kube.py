@@ -302,7 +302,8 @@ def parse_route(method: str, path: str, query: Mapping[str, str]) -> Route | Non
     plural, name, subresource = rest[0], rest[1] if len(rest) > 1 else None, "/".join(rest[2:]) or None
     method = method.upper()
     if method == "GET":
-        verb = "watch" if query.get("watch") in ("true", "1") else "get" if name else "list"
+        # Go's strconv.ParseBool, as the apiserver reads the parameter.
+        verb = "watch" if query.get("watch") in ("1", "t", "T", "true", "True", "TRUE") else "get" if name else "list"
     elif method == "DELETE":
         verb = "delete" if name else "deletecollection"
     else:
