@@ -120,8 +120,6 @@ CONDITIONS: dict[str, list[Reason]] = {
         Reason(dispatch.CONDITION_READY, "True", dispatch.SERVING, "The pool serves its environment's work queue."),
         Reason(dispatch.CONDITION_READY, "False", dispatch.INVALID_SPEC, "The spec fails validation; the message "
                "names the field."),
-        Reason(dispatch.CONDITION_READY, "False", dispatch.MODE_NOT_SUPPORTED, "`mode: Pool` is not supported yet; "
-               "only `PerWorkItem` pools dispatch work."),
         Reason(dispatch.CONDITION_READY, "False", dispatch.ENVIRONMENT_NOT_FOUND, "`spec.environmentRef` names no "
                "Environment in the pool's namespace."),
         Reason(dispatch.CONDITION_READY, "False", dispatch.ENVIRONMENT_NOT_SELF_HOSTED, "The Environment is not "

@@ -49,8 +49,11 @@ KOPF_RESOURCES = {(use.group, use.resource) for needs in KOPF_NEEDS.values() for
 
 # Permissions that no request uses but admission checks: with OwnerReferencesPermissionEnforcement
 # (on by default on OpenShift), an owner reference with blockOwnerDeletion to a WorkerPool (worker pods
-# and their Secrets) needs `update` on workerpools/finalizers.
-ADMISSION_NEEDS = frozenset({RbacUse("managedagents.dev", "workerpools/finalizers", "update")})
+# and their Secrets) needs `update` on workerpools/finalizers. And RBAC's escalation check: the
+# operator may create a warm pod's Role (get and watch its assignment Secret) only if it holds those
+# permissions itself, so it holds `watch` on secrets, which it never calls.
+ADMISSION_NEEDS = frozenset({RbacUse("managedagents.dev", "workerpools/finalizers", "update"),
+                             RbacUse("", "secrets", "watch")})
 
 
 def is_cluster_scoped(use: RbacUse) -> bool:

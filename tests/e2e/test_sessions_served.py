@@ -47,13 +47,14 @@ async def wait_served(world: WorkerPoolWorld, session_ids: list[str], timeout: f
         collections.Counter(item.state for item in state.work.values())))
 
 
-async def assert_each_served_once(api: AsyncAnthropic, session_ids: list[str], turns: int = 1) -> None:
+async def assert_each_served_once(api: AsyncAnthropic, session_ids: list[str], turns: int = 1,
+                                  host_prefix: str = "work-") -> None:
     for session_id in session_ids:
         pairs = list(results_by_tool_use(await session_events(api, session_id)).values())  # no tool_use answered twice
         assert [tool_use.name for tool_use, _ in pairs] == [step["tool"] for step in SCRIPT] * turns
         assert all(result is not None and not result.is_error for _, result in pairs), pairs
         assert result_text(pairs[1][1]) == "42\n"
-        assert result_text(pairs[2][1]).startswith("42 from work-")
+        assert result_text(pairs[2][1]).startswith(f"42 from {host_prefix}")
 
 
 def assert_no_credential_in_worker_logs(world: WorkerPoolWorld, kubelet: ProcessKubelet) -> None:

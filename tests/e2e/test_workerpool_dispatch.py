@@ -83,7 +83,7 @@ async def test_the_capacity_cap_holds_and_frees_as_pods_finish(workerpool_world:
         pool = await world.kube.wait_for(WORKERPOOLS, "pool", lambda o: (o or {}).get("status", {}).get(
             "desiredWorkers") == 2 and o["status"].get("queue", {}).get("depth") == 3, world.namespace)
         assert pool is not None
-        assert pool["status"]["workers"] == {"starting": 2, "running": 0, "succeeded": 0, "failed": 0}
+        assert pool["status"]["workers"] == {"warm": 0, "starting": 2, "running": 0, "succeeded": 0, "failed": 0}
         assert pool["status"]["lastDispatchTime"]
         assert sorted(world.work_state(w) for w in work_ids) == ["queued"] * 3 + ["starting"] * 2
 
@@ -137,7 +137,6 @@ async def test_environment_ref_resolves_through_the_environment_resource(workerp
 @pytest.mark.parametrize(("change", "reason", "mentions"), [
     ({"environmentKeySecretRef": {"name": "absent", "key": "key"}}, "EnvironmentKeyUnavailable", "ns/absent"),
     ({"environmentKeySecretRef": {"name": "env-key", "key": "other"}}, "EnvironmentKeyUnavailable", "'other'"),
-    ({"mode": "Pool"}, "ModeNotSupported", "not supported yet"),
 ])
 async def test_an_unusable_pool_says_why_and_dispatches_nothing(
         workerpool_world: WorkerPoolWorld, change: dict, reason: str, mentions: str) -> None:

@@ -57,8 +57,8 @@ def spec(**fields: Any) -> WorkerPoolSpec:
 
 class TestSpecAndEnvironment:
     @pytest.mark.parametrize(("fields", "reason", "mentions"), [
-        ({"environmentId": "env_1", "environmentKeySecretRef": KEY_REF, "mode": "Pool"}, "ModeNotSupported",
-         "not supported yet"),
+        ({"environmentId": "env_1", "environmentKeySecretRef": KEY_REF, "mode": "Pool"}, "InvalidSpec",
+         "spec.mode"),
         ({"environmentKeySecretRef": KEY_REF}, "InvalidSpec", "exactly one of environmentRef and environmentId"),
         ({"environmentId": "env_1"}, "InvalidSpec", "spec.environmentKeySecretRef"),
         ({"environmentId": "env_1", "environmentKeySecretRef": KEY_REF, "maxWorkers": 0}, "InvalidSpec",
@@ -374,10 +374,12 @@ class TestStatus:
                                                  "workersPolling": 2}
 
 
-def secret(work_id: str, created: str | None = "2026-05-01T11:00:00Z") -> dict[str, Any]:
+def secret(work_id: str, created: str | None = "2026-05-01T11:00:00Z", owner: str | None = None) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": f"secret-of-{work_id}", "annotations": {"managedagents.dev/work-id": work_id}}
     if created:
         metadata["creationTimestamp"] = created
+    if owner:
+        metadata["ownerReferences"] = [{"kind": "Pod", "name": owner, "uid": "u"}]
     return {"metadata": metadata}
 
 
@@ -393,6 +395,14 @@ class TestOrphanedSecrets:
                                                    created: str | None, orphan: bool) -> None:
         result = orphaned_secrets([secret(work_id, created)], pods, in_flight, now=T0, grace_seconds=60)
         assert result == ([f"secret-of-{work_id}"] if orphan else [])
+
+    @pytest.mark.parametrize(("pods", "orphan"), [
+        ({"pool-warm-abcde"}, False),              # the warm pod it is bound to exists
+        ({worker_pod_name("w1")}, True),           # a pod named after the item is not its owner
+    ])
+    def test_a_secret_belongs_to_the_pod_its_owner_reference_names(self, pods: set[str], orphan: bool) -> None:
+        result = orphaned_secrets([secret("w1", owner="pool-warm-abcde")], pods, set(), now=T0, grace_seconds=60)
+        assert result == (["secret-of-w1"] if orphan else [])
 
 
 @pytest.mark.parametrize(

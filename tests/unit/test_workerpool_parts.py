@@ -25,6 +25,7 @@ from environments_operator.handlers.workerpool.lifecycle import OwedStop, Worker
 from environments_operator.handlers.workerpool.loop import PoolDispatcher
 from environments_operator.handlers.workerpool.pollers import PollerGroup
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
+from environments_operator.handlers.workerpool.warm import WarmWorkers
 from environments_operator.settings import load_settings
 
 NS, POOL = "ns", "pool"
@@ -130,7 +131,7 @@ def no_queue(environment_id: str | None) -> None:
 async def test_item_dispatch_creates_a_gated_pod_then_its_secret_then_acks_then_releases() -> None:
     kube, queue = FakeKube(), FakeQueue()
     ctx = make_context(kube)
-    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), last_dispatch_time=None)
+    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), WarmWorkers(ctx), last_dispatch_time=None)
     await items.dispatch(queue, SPEC, session_item("w1"), claimed_at=ctx.now())  # type: ignore[arg-type]
     assert kube.created == [("Pod", worker_pod_name("w1")), ("Secret", work_secret_name("w1"))]
     assert queue.acked == ["w1"]
@@ -144,7 +145,7 @@ async def test_item_dispatch_refused_pod_deletes_nothing_backs_off_and_posts_one
     kube, queue = FakeKube(), FakeQueue()
     kube.refuse["Pod"] = 403
     ctx = make_context(kube)
-    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), last_dispatch_time=None)
+    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), WarmWorkers(ctx), last_dispatch_time=None)
     for work_id in ("w1", "w2"):
         await items.dispatch(queue, SPEC, session_item(work_id), claimed_at=ctx.now())  # type: ignore[arg-type]
     assert queue.acked == []
@@ -157,7 +158,7 @@ async def test_item_dispatch_refused_pod_deletes_nothing_backs_off_and_posts_one
 async def test_item_dispatch_acks_and_stops_items_that_are_not_sessions() -> None:
     kube, queue = FakeKube(), FakeQueue()
     ctx = make_context(kube)
-    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), last_dispatch_time=None)
+    items = ItemDispatcher(ctx, WorkerLifecycle(ctx, queue_for=no_queue), WarmWorkers(ctx), last_dispatch_time=None)
     health = ClaimedWork(work_id="h1", environment_id="env_1", work_type="healthcheck", session_id=None, secret=None)
     await items.dispatch(queue, SPEC, health, claimed_at=ctx.now())  # type: ignore[arg-type]
     assert kube.created == [] and queue.acked == ["h1"] and queue.stopped == ["h1"]
@@ -362,7 +363,7 @@ class CleanupKube(FakeKube):
         self.pods = pods
 
     async def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
-        return list(self.pods) if kind == "Pod" else list(self.secrets)
+        return list(self.pods) if kind == "Pod" else list(self.secrets) if kind == "Secret" else []
 
 
 class ClosingQueue(FakeQueue):

@@ -181,10 +181,20 @@ Role's in each listed namespace otherwise. Only what the operator calls; see the
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Per-work-item Secrets, and the API/environment keys that resources reference.
+# Per-work-item Secrets, warm pods' assignments, and the API/environment keys that resources reference.
+# watch is never called: RBAC lets the operator create a warm pod's Role (get and watch its assignment
+# Secret) only if it holds those permissions itself.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Warm workers (minWorkers): each warm pod runs as a ServiceAccount of its own, whose Role and
+# RoleBinding let it get and watch its assignment Secret and nothing else; all three go with the pod.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["create", "delete"]
 # Events reporting what the operator did to a resource (kopf posts them; it never updates one).
 - apiGroups: [""]
   resources: ["events"]

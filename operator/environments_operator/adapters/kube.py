@@ -1,4 +1,4 @@
-"""The Kubernetes API, as used by the controllers: Secrets and Pods, in plain dicts.
+"""The Kubernetes API, as used by the controllers: Pods, Secrets and warm pods' RBAC objects, in plain dicts.
 
 Built on the synchronous ``kubernetes`` client, called through a bounded thread pool so that no call
 ever blocks kopf's event loop (every pool's dispatch shares it). Responses are read raw
@@ -38,6 +38,10 @@ DEFAULT_MAX_THREADS = 16
 CONNECT_TIMEOUT_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 35.0
 MERGE_PATCH = "application/merge-patch+json"
+# The kinds the controllers write (a warm pod's ServiceAccount, Role and RoleBinding among them), as the
+# client library names them in its method names.
+_KIND_NAMES = {"Pod": "pod", "Secret": "secret", "ServiceAccount": "service_account", "Role": "role",
+               "RoleBinding": "role_binding"}
 
 
 class KubeApiError(Exception):
@@ -86,6 +90,7 @@ class KubeClient:
         configuration.keep_alive = True  # client-go's keepalive timings
         self._api = kubernetes.client.ApiClient(configuration)
         self._core = kubernetes.client.CoreV1Api(self._api)
+        self._rbac = kubernetes.client.RbacAuthorizationV1Api(self._api)
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kube")
 
     def close(self) -> None:
@@ -93,9 +98,10 @@ class KubeClient:
         self._api.close()
 
     def _method(self, verb: str, kind: str) -> Callable[..., Any]:
-        if kind not in ("Pod", "Secret"):
+        if kind not in _KIND_NAMES:
             raise ValueError(f"unsupported kind {kind!r}")
-        method: Callable[..., Any] = getattr(self._core, f"{verb}_namespaced_{kind.lower()}")
+        api = self._rbac if kind in ("Role", "RoleBinding") else self._core
+        method: Callable[..., Any] = getattr(api, f"{verb}_namespaced_{_KIND_NAMES[kind]}")
         return method
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -205,6 +205,12 @@ class ProcessKubelet:
         deletion is never finished, so the pod stays Terminating."""
         self.lost.add(name)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL the process of pod ``name`` (its container dies: the pod fails with exit code 137)."""
+        for running in list(self.processes.values()):
+            if running.name == name:
+                self._signal(running, signal.SIGKILL)
+
     def log(self, name: str) -> str:
         """Everything the pod's process printed, for pods started by this kubelet."""
         path = self.root / name / "container.log"

@@ -24,21 +24,27 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
 from environments_operator.domain.conditions import ConditionDict, set_condition
 from environments_operator.domain.vocabulary import Problem, backoff_seconds, parse_time, validation_message
 from environments_operator.domain.worker_manifests import (
+    ANNOTATION_ASSIGNED,
     ANNOTATION_ENVIRONMENT_ID,
+    ANNOTATION_SESSION_ID,
     ANNOTATION_WORK_ID,
     ANNOTATION_WORKER_POOL,
+    LABEL_WARM,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
     SCHEDULING_GATE,
 )
 from environments_operator.domain.workerpool import WorkerCounts, WorkerPoolSpec
+
+if TYPE_CHECKING:  # warm_workers builds on this module
+    from environments_operator.domain.warm_workers import WarmPodView
 
 # Upper bound on pipelined polls per pool: enough to hide a round trip per item in a burst, and
 # well within the Kubernetes client's thread pool, which every dispatch of every pool shares.
@@ -61,7 +67,6 @@ CONDITION_DISPATCH_FAILING = "DispatchFailing"
 # Condition reasons (CamelCase, machine-readable), as ``environment_sync`` names its own.
 # Ready=False: why the pool cannot dispatch.
 INVALID_SPEC = "InvalidSpec"
-MODE_NOT_SUPPORTED = "ModeNotSupported"
 ENVIRONMENT_NOT_FOUND = "EnvironmentNotFound"
 ENVIRONMENT_NOT_SELF_HOSTED = "EnvironmentNotSelfHosted"
 ENVIRONMENT_ARCHIVED = "EnvironmentArchived"
@@ -94,11 +99,6 @@ def parse_pool_spec(spec: Mapping[str, Any]) -> WorkerPoolSpec | Blocker:
         parsed = WorkerPoolSpec.model_validate(dict(spec))
     except ValidationError as exc:
         return Blocker(INVALID_SPEC, validation_message(exc))
-    if parsed.mode != "PerWorkItem":
-        return Blocker(
-            MODE_NOT_SUPPORTED,
-            f"mode {parsed.mode} is not supported yet; only PerWorkItem pools dispatch work",
-        )
     return parsed
 
 
@@ -241,11 +241,16 @@ class WorkerPodView:
     # When a deleted pod's grace period ends (its deletionTimestamp): a kubelet that has not removed
     # it by then is gone with its node, and only a force delete removes it.
     deletion_deadline: datetime | None = None
+    session_id: str | None = None
+    # A warm pod bound to this item (its name is not the item's), and whether its assignment is written.
+    warm: bool = False
+    assigned: bool = False
 
     @property
     def gated(self) -> bool:
-        """Still behind our scheduling gate: its item is not acknowledged yet, so no worker runs in it."""
-        return SCHEDULING_GATE in self.scheduling_gates
+        """Still behind our scheduling gate (a warm pod: its assignment not written yet): its item is not
+        acknowledged yet, so no worker serves it."""
+        return SCHEDULING_GATE in self.scheduling_gates or (self.warm and not self.assigned)
 
     def stuck_terminating(self, now: datetime) -> bool:
         return self.deletion_deadline is not None and now > self.deletion_deadline
@@ -328,7 +333,10 @@ def worker_pod_view(pod: Mapping[str, Any]) -> WorkerPodView | None:
         scheduling_gates=tuple(str(gate.get("name") or "") for gate in spec.get("schedulingGates") or []
                                if isinstance(gate, Mapping)),
         environment_id=annotations.get(ANNOTATION_ENVIRONMENT_ID) or None,
+        session_id=annotations.get(ANNOTATION_SESSION_ID) or None,
         deletion_deadline=parse_time(metadata.get("deletionTimestamp")),
+        warm=labels.get(LABEL_WARM) == "true",
+        assigned=annotations.get(ANNOTATION_ASSIGNED) == "true",
     )
 
 
@@ -390,10 +398,15 @@ def ready_event(previous: list[ConditionDict] | None, current: list[ConditionDic
     return None
 
 
-def worker_counts(views: Iterable[WorkerPodView]) -> WorkerCounts:
-    counts = {"starting": 0, "running": 0, "succeeded": 0, "failed": 0}
+def worker_counts(views: Iterable[WorkerPodView], warm_views: Iterable[WarmPodView] = ()) -> WorkerCounts:
+    """Item pods by state; unbound warm pods as ``warm`` once ready, as ``starting`` until then."""
+    counts = {"warm": 0, "starting": 0, "running": 0, "succeeded": 0, "failed": 0}
     for view in views:
         counts[view.state] += 1
+    for warm in warm_views:
+        if warm.deleting or warm.finished:
+            continue
+        counts["warm" if warm.ready else "starting"] += 1
     return WorkerCounts(**counts)
 
 

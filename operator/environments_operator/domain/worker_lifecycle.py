@@ -121,17 +121,18 @@ def plan_lifecycle(
             continue
         if pod_key(view) in memory.deleted:
             continue
+        started = view.created_at or memory.first_seen[pod_key(view)]
+        age = _seconds(now, started)
+        if view.gated and not view.finished:  # a bound warm pod waiting for its assignment is Running
+            if view.work_id in in_flight:
+                continue
+            if age >= UNRELEASED_CHECK_AFTER_SECONDS:
+                unreleased.append(view)
+            deadlines.append(UNRELEASED_CHECK_AFTER_SECONDS - age if age < UNRELEASED_CHECK_AFTER_SECONDS
+                             else UNRELEASED_CHECK_AFTER_SECONDS)
+            continue
         if view.phase == PHASE_PENDING:
-            started = view.created_at or memory.first_seen[pod_key(view)]
-            age = _seconds(now, started)
-            if view.gated:
-                if view.work_id in in_flight:
-                    continue
-                if age >= UNRELEASED_CHECK_AFTER_SECONDS:
-                    unreleased.append(view)
-                deadlines.append(UNRELEASED_CHECK_AFTER_SECONDS - age if age < UNRELEASED_CHECK_AFTER_SECONDS
-                                 else UNRELEASED_CHECK_AFTER_SECONDS)
-            elif age < startup_timeout_seconds:
+            if age < startup_timeout_seconds:
                 deadlines.append(startup_timeout_seconds - age)
             elif view.work_id not in memory.reported:
                 timed_out.append(view)
@@ -145,9 +146,12 @@ def plan_lifecycle(
             else:
                 deadlines.append(remaining)
 
+    # An item whose old pod vanished and which has a pod again (it was offered again and served) is that
+    # pod's business: a stop for the old pod would end the new delivery.
+    work_ids_with_pods = {view.work_id for view in views}
     vanished = [
         view for key, view in memory.known.items()
-        if key not in current and key not in memory.deleted
+        if key not in current and key not in memory.deleted and view.work_id not in work_ids_with_pods
         and view.phase != PHASE_SUCCEEDED and view.work_id not in memory.reported
     ]
 
@@ -195,7 +199,11 @@ def orphaned_secrets(
         labels: Mapping[str, Any] = metadata.get("labels") or {}
         work_id = annotations.get(ANNOTATION_WORK_ID) or labels.get(LABEL_WORK_ID)
         name = metadata.get("name")
-        if not work_id or not name or work_id in in_flight_work_ids or worker_pod_name(work_id) in pod_names:
+        # Its pod is the one its owner reference names (a warm pod's is not named after the item).
+        owner = next((ref.get("name") for ref in metadata.get("ownerReferences") or [] if ref.get("kind") == "Pod"),
+                     None)
+        pod_name = owner or (worker_pod_name(work_id) if work_id else None)
+        if not work_id or not name or work_id in in_flight_work_ids or pod_name in pod_names:
             continue
         created = parse_time(metadata.get("creationTimestamp"))
         if created is not None and _seconds(now, created) < grace_seconds:
@@ -231,8 +239,8 @@ def vanished_message(view: WorkerPodView) -> str:
 UnreleasedPodAction = Literal["release", "wait", "delete"]
 
 
-def unreleased_pod_action(item_state: str | None, *, age_seconds: float, startup_timeout_seconds: float
-                          ) -> UnreleasedPodAction:
+def unreleased_pod_action(item_state: str | None, *, age_seconds: float, startup_timeout_seconds: float,
+                          warm: bool = False) -> UnreleasedPodAction:
     """What to do with a gated pod whose dispatch is over, given its item's state (None: no such item).
 
     - ``starting``: the ack went through and the release did not (a crash, a failed patch): release it
@@ -241,8 +249,11 @@ def unreleased_pod_action(item_state: str | None, *, age_seconds: float, startup
       startup timeout, delete it (nothing ran in it) and let the item get a fresh pod.
     - ``unknown`` (not found among the newest items listed): wait; deleting could strand a ``starting`` item.
     - anything else (held by another worker, stopping, stopped, gone): delete it, there is nothing to stop.
+
+    A bound warm pod's "gate" is the annotation written after its assignment: one whose item is
+    ``running`` got its assignment (only its worker heartbeats the item) and is released (annotated) too.
     """
-    if item_state == "starting":
+    if item_state == "starting" or (warm and item_state == "running"):
         return "release"
     if item_state == "unknown":
         return "wait"

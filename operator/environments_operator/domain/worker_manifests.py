@@ -1,4 +1,4 @@
-"""Manifests for per-work-item dispatch: the worker Pod and its per-item Secret.
+"""Manifests for per-work-item dispatch: the worker Pod and its per-item Secret; warm pods and their assignment.
 
 The worker pod contract (DESIGN.md) lives here in one place: the ``ANTHROPIC_*`` variables the SDK's
 ``EnvironmentWorker.handle_item()`` reads, the labels that tie a pod to its pool and work item, and
@@ -9,6 +9,13 @@ a duplicate.
 What goes into a per-item Secret is the work item's own ``secret`` payload (a sessions token scoped
 to that one item), never the environment key: the builders here have no parameter that could carry
 it. Pure: builds plain dicts, no I/O.
+
+A warm pod (``spec.minWorkers``) is started before any item exists: it carries no work ID, and its
+worker waits for its assignment, a Secret named after the pod that only the pod's own ServiceAccount
+may get and watch (``build_warm_access``: a ServiceAccount, a Role for that one Secret, a
+RoleBinding). Binding an item labels the pod (``bind_patch``); the per-item Secret is written as for
+a fresh pod (it keeps the item's ``secret`` durable, and the warm pod cannot read it); the
+assignment Secret (``build_assignment_secret``) is written only once the item is acknowledged.
 """
 
 from __future__ import annotations
@@ -44,6 +51,14 @@ ANNOTATION_ENVIRONMENT_ID = "managedagents.dev/environment-id"
 # Every worker pod is created behind this scheduling gate and released only once its item is
 # acknowledged: no worker can start on an item it does not hold (DESIGN.md § "Dispatch must be exactly-once").
 SCHEDULING_GATE = "managedagents.dev/work-acknowledged"
+# Warm pods: the label that marks one from its start (bound or not), the annotation that says its
+# assignment Secret was written (the warm pod's "gate" is open), and the hash of the pod template it
+# was made from (a changed template refreshes idle warm pods).
+LABEL_WARM = "managedagents.dev/warm"
+ANNOTATION_ASSIGNED = "managedagents.dev/assigned"
+ANNOTATION_TEMPLATE_HASH = "managedagents.dev/template-hash"
+# The objects made for one warm pod (ServiceAccount, Role, RoleBinding, assignment Secret) carry its name.
+LABEL_WARM_POD = "managedagents.dev/warm-pod"
 
 WORK_SECRET_KEY = "work-secret"
 WORKER_CONTAINER_NAME = "worker"
@@ -56,7 +71,14 @@ ENV_WORK_SECRET = "ANTHROPIC_WORK_SECRET"
 ENV_BASE_URL = "ANTHROPIC_BASE_URL"
 # The pool's spec.maxIdleSeconds, read by `environments-operator worker` (worker.MAX_IDLE_VARIABLE).
 ENV_MAX_IDLE = "ENVIRONMENTS_OPERATOR_WORKER_MAX_IDLE_SECONDS"
-CONTRACT_ENV = (ENV_WORK_ID, ENV_ENVIRONMENT_ID, ENV_SESSION_ID, ENV_WORK_SECRET, ENV_BASE_URL, ENV_MAX_IDLE)
+# A warm pod's worker reads its assignment from this Secret (worker.ASSIGNMENT_VARIABLE).
+ENV_ASSIGNMENT_SECRET = "ENVIRONMENTS_OPERATOR_ASSIGNMENT_SECRET"
+CONTRACT_ENV = (ENV_WORK_ID, ENV_ENVIRONMENT_ID, ENV_SESSION_ID, ENV_WORK_SECRET, ENV_BASE_URL, ENV_MAX_IDLE,
+                ENV_ASSIGNMENT_SECRET)
+# The keys of a warm pod's assignment Secret.
+ASSIGNMENT_WORK_ID, ASSIGNMENT_ENVIRONMENT_ID, ASSIGNMENT_SESSION_ID, ASSIGNMENT_WORK_SECRET = (
+    "work-id", "environment-id", "session-id", "work-secret")
+WARM_POD_PREFIX_MAX = 40
 
 # 80 bits of SHA-256: collisions among the items of one namespace are not a practical concern,
 # and the name stays short enough to read in `kubectl get pods`.
@@ -149,14 +171,19 @@ def _contract_metadata(name: str, pool: PoolIdentity, work: WorkAssignment, owne
     }
 
 
-def build_work_secret(pool: PoolIdentity, work: WorkAssignment, *, pod_uid: str) -> JSON:
+def _pod_owner(pod_name: str, pod_uid: str) -> JSON:
+    return {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod_uid,
+            "controller": True, "blockOwnerDeletion": False}
+
+
+def build_work_secret(pool: PoolIdentity, work: WorkAssignment, *, pod_uid: str, pod_name: str | None = None) -> JSON:
     """The per-item Secret: the work item's ``secret`` payload under ``WORK_SECRET_KEY``, immutable.
 
     It belongs to its pod (owner reference), not to the pool: it goes when the pod goes, and exactly
-    one pool's pod ever uses it. ``pool`` is the pool of that pod.
+    one pool's pod ever uses it. ``pool`` is the pool of that pod; ``pod_name`` that pod's name (a warm
+    pod's; by default the item's fresh pod).
     """
-    owner = {"apiVersion": "v1", "kind": "Pod", "name": worker_pod_name(work.work_id), "uid": pod_uid,
-             "controller": True, "blockOwnerDeletion": False}
+    owner = _pod_owner(pod_name or worker_pod_name(work.work_id), pod_uid)
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -222,9 +249,19 @@ def build_worker_pod(
     security context on the pod and on every container. The pod is created behind ``SCHEDULING_GATE``
     (after any gates of the template); ``release_patch`` removes it once the item is acknowledged.
     """
+    metadata = _contract_metadata(worker_pod_name(work.work_id), pool, work, _owner_reference(pool))
+    pod = _pod_from_template(template, metadata, _contract_env(work, base_url, max_idle_seconds),
+                             default_image=default_image)
+    pod["spec"].setdefault("automountServiceAccountToken", False)
+    pod["spec"]["schedulingGates"] = [*_other_gates(pod["spec"]), {"name": SCHEDULING_GATE}]
+    return pod
+
+
+def _pod_from_template(template: Mapping[str, Any], metadata: JSON, contract_env: list[JSON], *,
+                       default_image: str) -> JSON:
+    """The pool's pod template under ``metadata``, with the contract env and the restricted defaults laid over it."""
     template_metadata: Mapping[str, Any] = template.get("metadata") or {}
     spec: JSON = copy.deepcopy(dict(template.get("spec") or {}))
-    metadata = _contract_metadata(worker_pod_name(work.work_id), pool, work, _owner_reference(pool))
     metadata["labels"] = {**dict(template_metadata.get("labels") or {}), **metadata["labels"]}
     metadata["annotations"] = {**dict(template_metadata.get("annotations") or {}), **metadata["annotations"]}
 
@@ -243,7 +280,7 @@ def build_worker_pod(
             worker["command"] = list(DEFAULT_WORKER_COMMAND)
     worker.setdefault("image", default_image)
     user_env = [e for e in worker.get("env") or [] if e.get("name") not in CONTRACT_ENV]
-    worker["env"] = [*user_env, *_contract_env(work, base_url, max_idle_seconds)]
+    worker["env"] = [*user_env, *contract_env]
     containers[worker_index] = worker
     spec["containers"] = [
         {**c, "securityContext": _with_defaults(c.get("securityContext"), _CONTAINER_SECURITY_DEFAULTS)}
@@ -255,9 +292,7 @@ def build_worker_pod(
             for c in spec["initContainers"]
         ]
     spec["restartPolicy"] = "Never"
-    spec.setdefault("automountServiceAccountToken", False)
     spec["securityContext"] = _with_defaults(spec.get("securityContext"), _POD_SECURITY_DEFAULTS)
-    spec["schedulingGates"] = [*_other_gates(spec), {"name": SCHEDULING_GATE}]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
 
@@ -280,3 +315,119 @@ def release_patch(gates: tuple[str, ...]) -> JSON:
     (a merge patch replaces a list as a whole)."""
     others = [{"name": name} for name in gates if name != SCHEDULING_GATE]
     return {"spec": {"schedulingGates": others or None}}
+
+
+# ----- warm pods ------------------------------------------------------------------------------------
+
+
+def warm_pod_name(pool_name: str, suffix: str) -> str:
+    """A warm pod's name (also its ServiceAccount's, Role's, RoleBinding's and assignment Secret's):
+    the pool's name, cut to stay a valid DNS-1123 name, then ``-warm-`` and a random ``suffix``."""
+    prefix = re.sub(r"[^a-z0-9-]", "-", pool_name.lower())[:WARM_POD_PREFIX_MAX].strip("-") or "pool"
+    return f"{prefix}-warm-{suffix}"
+
+
+def template_hash(template: Mapping[str, Any]) -> str:
+    """A digest of the pod template: a warm pod made from another template is refreshed while idle."""
+    import json
+
+    return _digest(json.dumps(template, sort_keys=True, default=str), 16)
+
+
+def warm_labels(pool: PoolIdentity, pod_name: str) -> dict[str, str]:
+    """The labels of every object made for one warm pod (the pool's selector matches them all)."""
+    return {LABEL_WORKER_POOL: label_value(pool.name), LABEL_MANAGED_BY: MANAGED_BY, LABEL_WARM_POD: pod_name}
+
+
+def _warm_object_metadata(pool: PoolIdentity, pod_name: str) -> JSON:
+    owner = {**_owner_reference(pool), "controller": False, "blockOwnerDeletion": False}
+    return {"name": pod_name, "namespace": pool.namespace, "labels": warm_labels(pool, pod_name),
+            "annotations": {ANNOTATION_WORKER_POOL: pool.name}, "ownerReferences": [owner]}
+
+
+def build_warm_access(pool: PoolIdentity, pod_name: str) -> list[JSON]:
+    """The ServiceAccount a warm pod runs as, and the Role and RoleBinding that let it get and watch
+    one Secret: its own assignment, named after the pod. Nothing else: not its pod, not other Secrets.
+
+    They belong to the pool (they exist before the pod, which a real apiserver refuses without its
+    ServiceAccount); the operator deletes them with the pod.
+    """
+    service_account = {"apiVersion": "v1", "kind": "ServiceAccount",
+                       "metadata": _warm_object_metadata(pool, pod_name)}
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _warm_object_metadata(pool, pod_name),
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": [pod_name],
+                   "verbs": ["get", "watch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _warm_object_metadata(pool, pod_name),
+        "subjects": [{"kind": "ServiceAccount", "name": pod_name, "namespace": pool.namespace}],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": pod_name},
+    }
+    return [service_account, role, binding]
+
+
+def build_warm_pod(
+    pool: PoolIdentity,
+    pod_name: str,
+    *,
+    template: Mapping[str, Any],
+    default_image: str,
+    base_url: str | None,
+    max_idle_seconds: int,
+) -> JSON:
+    """A warm worker Pod: the pool's template as for a fresh pod, with no work item yet.
+
+    Its worker gets ``ENV_ASSIGNMENT_SECRET`` instead of the item's variables, runs as the pod's own
+    ServiceAccount (``build_warm_access``) with its token mounted (the template's service account
+    settings give way: the pod's token must be the one its Role is bound to), and has no scheduling
+    gate: it starts now, and its assignment is what it waits for.
+    """
+    metadata = {
+        "name": pod_name,
+        "namespace": pool.namespace,
+        "labels": {LABEL_WORKER_POOL: label_value(pool.name), LABEL_MANAGED_BY: MANAGED_BY, LABEL_WARM: "true"},
+        "annotations": {ANNOTATION_WORKER_POOL: pool.name, ANNOTATION_TEMPLATE_HASH: template_hash(template)},
+        "ownerReferences": [_owner_reference(pool)],
+    }
+    env: list[JSON] = [{"name": ENV_ASSIGNMENT_SECRET, "value": pod_name}]
+    if base_url:
+        env.append({"name": ENV_BASE_URL, "value": base_url})
+    env.append({"name": ENV_MAX_IDLE, "value": str(max_idle_seconds)})
+    pod = _pod_from_template(template, metadata, env, default_image=default_image)
+    pod["spec"]["serviceAccountName"] = pod_name
+    pod["spec"].pop("serviceAccount", None)
+    pod["spec"]["automountServiceAccountToken"] = True
+    return pod
+
+
+def bind_patch(pool: PoolIdentity, work: WorkAssignment) -> JSON:
+    """The merge patch that binds a warm pod to an item: the per-item labels and annotations a fresh pod has."""
+    return {"metadata": {
+        "labels": {LABEL_WORK_ID: label_value(work.work_id), LABEL_SESSION_ID: label_value(work.session_id)},
+        "annotations": {ANNOTATION_WORK_ID: work.work_id, ANNOTATION_SESSION_ID: work.session_id,
+                        ANNOTATION_ENVIRONMENT_ID: work.environment_id, ANNOTATION_WORKER_POOL: pool.name},
+    }}
+
+
+def assigned_patch() -> JSON:
+    """The merge patch that records on a bound warm pod that its assignment Secret is written."""
+    return {"metadata": {"annotations": {ANNOTATION_ASSIGNED: "true"}}}
+
+
+def build_assignment_secret(pool: PoolIdentity, work: WorkAssignment, *, pod_name: str, pod_uid: str) -> JSON:
+    """A warm pod's assignment: what a fresh pod gets in its env, as one Secret the pod may get and watch.
+
+    Written only after the item is acknowledged (it is the warm pod's scheduling gate); immutable, and
+    owned by the pod.
+    """
+    metadata = _contract_metadata(pod_name, pool, work, _pod_owner(pod_name, pod_uid))
+    metadata["labels"][LABEL_WARM_POD] = pod_name
+    values = {ASSIGNMENT_WORK_ID: work.work_id, ASSIGNMENT_ENVIRONMENT_ID: work.environment_id,
+              ASSIGNMENT_SESSION_ID: work.session_id, ASSIGNMENT_WORK_SECRET: work.secret}
+    return {
+        "apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "immutable": True,
+        "data": {key: base64.b64encode(value.encode("utf-8")).decode("ascii") for key, value in values.items()},
+    }

@@ -21,7 +21,9 @@ from environments_operator.domain.vocabulary import parse_time
 KIND = "WorkerPool"
 PLURAL = "workerpools"
 
-PoolMode = Literal["PerWorkItem", "Pool"]
+# One value today. The field stays so that manifests naming it keep working, and so that another way of
+# serving a queue can be added later without a new field; the schema accepts no value that is refused.
+PoolMode = Literal["PerWorkItem"]
 
 # The API refuses block_ms outside 1..999 (0 is not "non-blocking"; omit the parameter for that).
 BLOCK_MS_MIN, BLOCK_MS_MAX = 1, 999
@@ -50,6 +52,11 @@ class PollSettings(SpecModel):
                      "creating their pod."),
     )
 
+
+# An idle warm pod older than this is replaced. An hour bounds how stale an idle sandbox gets (an image
+# tag that moved, a node drained of its caches, a token the worker read long ago) for the price of
+# minWorkers pod starts an hour, which is noise next to the sessions it serves.
+DEFAULT_WARM_MAX_AGE_SECONDS = 3600
 
 # The SDK's own default (anthropic.lib.environments.DEFAULT_MAX_IDLE): a follow-up message within a minute
 # reuses the sandbox, at the cost of a pod slot held for that minute.
@@ -83,12 +90,19 @@ class WorkerPoolSpec(SpecModel):
     )
     mode: PoolMode = Field(
         default="PerWorkItem",
-        description="PerWorkItem: one fresh pod per work item. Pool: long-lived workers (not yet supported).",
+        description="PerWorkItem: every work item gets a fresh pod that serves it and exits (a warm pod counts "
+        "as fresh: it has served nothing). The only mode.",
     )
     minWorkers: int = Field(
         default=0, ge=0, le=10_000,
-        description="Reserved for warm workers; not acted on yet: no pod is started before a work item is "
-        "claimed. Must not exceed maxWorkers.")
+        description="Warm workers: this many pods are kept started and idle, each bound to the next claimed "
+        "item (a session starts without waiting for a pod to schedule and start), then replaced. Each "
+        "serves one item and exits, like any worker pod, and counts against maxWorkers. Each runs as a "
+        "ServiceAccount of its own that may read only its assignment. Must not exceed maxWorkers.")
+    warmMaxAgeSeconds: int = Field(
+        default=DEFAULT_WARM_MAX_AGE_SECONDS, ge=0, le=604_800,
+        description="An idle warm pod older than this is replaced by a new one (0: never). A warm pod made from "
+        "an older pod template is replaced at once while idle.")
     maxWorkers: int = Field(default=10, ge=1, le=10_000, description="Upper bound on unfinished worker pods.")
     template: dict[str, Any] = Field(
         default_factory=dict,
@@ -140,7 +154,8 @@ class QueueStatus(StatusModel):
 
 
 class WorkerCounts(StatusModel):
-    starting: int = Field(default=0, description="Worker pods not yet running.")
+    warm: int = Field(default=0, description="Warm pods running and bound to no item yet (minWorkers).")
+    starting: int = Field(default=0, description="Worker pods not yet running (warm pods still starting included).")
     running: int = Field(default=0, description="Worker pods running.")
     succeeded: int = Field(default=0, description="Worker pods that finished successfully (until cleaned up).")
     failed: int = Field(default=0, description="Worker pods that failed (until cleaned up).")

@@ -7,15 +7,17 @@ This module holds the decorators and the indices only; each concern lives in a p
 | ``context`` | the pool's identity, clients, wake-up flag, live spec and blocker, and occupied slots |
 | ``queue_access`` | the environment, its key (read and refreshed), the ``WorkQueue`` client |
 | ``pollers`` | the pollers, their polls in flight, poll backoff, pipelining |
-| ``item_dispatch`` | one claimed item: Secret, then Pod, then ack; dispatch backoff |
+| ``item_dispatch`` | one claimed item: gated Pod (or a warm pod, bound), Secret, ack, release; dispatch backoff |
+| ``warm`` | warm pods (``minWorkers``): created, replaced, retired, reserved for a claimed item |
 | ``lifecycle`` | startup timeout, failed and vanished pods, owed force-stops, TTL, the Secret sweep |
 | ``loop`` | the pass, its sleep, queue stats and status; composes the parts above |
 | ``cleanup`` | the end of a deleted pool |
 | ``session_start`` | claim times, until the pod index sees the item's pod Running (a metric) |
 
-- Two kopf **indices** keep what the dispatch loop reads on every pass in memory: the Environments of
-  each namespace (``environmentRef`` resolves without an API call) and the worker pods of each pool
-  (the pod watch is filtered server-side by the pool label). kopf fills every index before any
+- Three kopf **indices** keep what the dispatch loop reads on every pass in memory: the Environments of
+  each namespace (``environmentRef`` resolves without an API call), the item pods of each pool and its
+  unbound warm pods (one pod watch, filtered server-side by the pool label; a warm pod moves from the
+  second index to the first when it is bound). kopf fills every index before any
   daemon starts, so after a restart the loop's first capacity decision already counts every pod
   that survived it: the labelled pods *are* the durable state.
 - One kopf **daemon** per WorkerPool runs ``PoolDispatcher``. The pod index and ``on.event`` handlers
@@ -40,6 +42,7 @@ from environments_operator.domain import dispatch
 from environments_operator.domain.common import GROUP, VERSION
 from environments_operator.domain.dispatch import WorkerPodView
 from environments_operator.domain.environment import PLURAL as ENVIRONMENTS
+from environments_operator.domain.warm_workers import WarmPodView, warm_pod_view
 from environments_operator.domain.worker_manifests import LABEL_MANAGED_BY, LABEL_WORKER_POOL, MANAGED_BY
 from environments_operator.domain.workerpool import PLURAL as WORKER_POOLS
 from environments_operator.handlers.workerpool.cleanup import end_deleted_pool
@@ -48,13 +51,14 @@ from environments_operator.handlers.workerpool.context import pool_wakers as _wa
 from environments_operator.handlers.workerpool.loop import PoolDispatcher
 from environments_operator.handlers.workerpool.session_start import SESSION_STARTS
 
-__all__ = ["PoolDispatcher", "clean_up_workerpool", "serve_workerpool", "workerpool_environments", "workerpool_pods"]
+__all__ = ["PoolDispatcher", "clean_up_workerpool", "serve_workerpool", "workerpool_environments", "workerpool_pods",
+           "workerpool_warm_pods"]
 
 DISPATCHER, DISPATCH_TASK = "workerpool_dispatcher", "workerpool_dispatch_task"
 # Bookkeeping that runs on every pod, Environment and WorkerPool event (indices, wake-ups); kopf logs each
 # success at INFO, one line per event, which ``run`` hides unless --verbose.
-BOOKKEEPING_HANDLERS = ("workerpool_environments", "workerpool_pods", "wake_pool_on_pod_deletion",
-                        "wake_pools_on_environment_event", "wake_pool_on_spec_event")
+BOOKKEEPING_HANDLERS = ("workerpool_environments", "workerpool_pods", "workerpool_warm_pods",
+                        "wake_pool_on_pod_deletion", "wake_pools_on_environment_event", "wake_pool_on_spec_event")
 WORKER_POD_LABELS: dict[str, Any] = {
     LABEL_MANAGED_BY: MANAGED_BY, LABEL_WORKER_POOL: kopf.PRESENT,
 }
@@ -88,13 +92,22 @@ async def workerpool_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[Po
     return {(view.namespace, view.pool): view}
 
 
+@kopf.index("v1", "pods", labels=WORKER_POD_LABELS)
+async def workerpool_warm_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[PoolKey, WarmPodView]:
+    view = warm_pod_view(body)
+    if view is None:
+        return {}
+    _wake(memo, (view.namespace, view.pool))
+    return {(view.namespace, view.pool): view}
+
+
 def _deleted(type: str | None = None, **_: Any) -> bool:
     return type == "DELETED"
 
 
 @kopf.on.event("v1", "pods", labels=WORKER_POD_LABELS, when=_deleted)
 async def wake_pool_on_pod_deletion(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    view = dispatch.worker_pod_view(body)
+    view = dispatch.worker_pod_view(body) or warm_pod_view(body)
     if view is not None:
         _wake(memo, (view.namespace, view.pool))
 
@@ -126,7 +139,7 @@ async def serve_workerpool(
 ) -> None:
     # The indices arrive as keyword arguments named after their functions.
     dispatcher = PoolDispatcher(body=body, memo=memo, logger=logger, environments=kwargs["workerpool_environments"],
-                                pods=kwargs["workerpool_pods"])
+                                pods=kwargs["workerpool_pods"], warm_pods=kwargs["workerpool_warm_pods"])
     # The object's memo is shared with its deletion handler, which waits for this task to end.
     memo[DISPATCHER], memo[DISPATCH_TASK] = dispatcher, asyncio.current_task()
     await dispatcher.run(stopped)

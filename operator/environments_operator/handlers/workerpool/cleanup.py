@@ -1,4 +1,4 @@
-"""The end of a deleted WorkerPool: force-stop its workers' items, delete its pods and Secrets.
+"""The end of a deleted WorkerPool: force-stop its workers' items, delete its pods, Secrets and warm pods' RBAC.
 
 It owns nothing between calls. It reads the dispatcher the daemon left behind (its work queue client
 and the force-stops it still owed); when there is none, it resolves the environment and its key as
@@ -73,12 +73,15 @@ async def end_deleted_pool(*, name: str, namespace: str, spec: kopf.Spec, status
                 logger.warning("force-stopping work item %s failed (its lease will expire): %s", work_id, exc)
 
         await asyncio.gather(*(stop(work_id, env) for work_id, env in sorted(to_stop.items())))
-        summary = f"{len(views)} worker pods removed; {stopped} work items force-stopped"
+        summary = f"{len(pods)} worker pods removed; {stopped} work items force-stopped"
         logger.info("WorkerPool deleted: %s", summary)
-        await asyncio.gather(*(kube.delete_if_present("Pod", namespace, view.name) for view in views))
-        secrets = await kube.list("Secret", namespace, selector)
-        await asyncio.gather(*(kube.delete_if_present("Secret", namespace, str(secret["metadata"]["name"]))
-                               for secret in secrets))
+        # Every labelled pod goes, warm ones (bound to no item) included; then the Secrets, and the
+        # ServiceAccounts, Roles and RoleBindings made for warm pods.
+        await asyncio.gather(*(kube.delete_if_present("Pod", namespace, str(pod["metadata"]["name"])) for pod in pods))
+        for kind in ("Secret", "RoleBinding", "Role", "ServiceAccount"):
+            objects = await kube.list(kind, namespace, selector)
+            await asyncio.gather(*(kube.delete_if_present(kind, namespace, str(obj["metadata"]["name"]))
+                                   for obj in objects))
     finally:
         if dispatcher is not None:
             await dispatcher.access.close()

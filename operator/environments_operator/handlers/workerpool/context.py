@@ -20,6 +20,7 @@ import kopf
 from environments_operator.adapters.kube import KubeApiError, KubeClient
 from environments_operator.domain import dispatch
 from environments_operator.domain.dispatch import Blocker, WorkerPodView
+from environments_operator.domain.warm_workers import WarmPodView, warm_slots_taken
 from environments_operator.domain.worker_manifests import PoolIdentity
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.settings import OperatorSettings
@@ -47,12 +48,14 @@ class PoolContext:
     """One pool's identity, clients and shared slot count; the parts of its controller all hold the same one."""
 
     def __init__(self, *, body: kopf.Body, logger: Logger, kube: KubeClient, settings: OperatorSettings,
-                 pods: kopf.Index[PoolKey, WorkerPodView]) -> None:
+                 pods: kopf.Index[PoolKey, WorkerPodView],
+                 warm_pods: kopf.Index[PoolKey, WarmPodView] | None = None) -> None:
         self.body = body
         self.logger = logger
         self.kube = kube
         self.settings = settings
         self.pods = pods
+        self.warm_pods = warm_pods
         metadata = body.get("metadata") or {}
         self.namespace = str(metadata.get("namespace") or "")
         self.name = str(metadata.get("name") or "")
@@ -71,6 +74,8 @@ class PoolContext:
         # watch was broken (kopf relists without producing deletions). (name, uid) pairs.
         self.ghosts: set[tuple[str, str]] = set()
         self.environment_id: str | None = None  # the environment the pool serves now (queue access sets it)
+        # Warm pods created but not yet seen by the pod watch: name -> when created.
+        self.warm_created_unseen: dict[str, float] = {}
 
     def now(self) -> float:
         return self.loop.time()
@@ -86,6 +91,16 @@ class PoolContext:
             return views
         return [view for view in views if (view.name, view.uid) not in self.ghosts]
 
+    def warm_views(self) -> list[WarmPodView]:
+        """The pool's unbound warm pods as the index holds them, less those a list showed are gone."""
+        views = list(self.warm_pods.get(self.key, [])) if self.warm_pods is not None else []
+        seen = {view.name for view in views}
+        now = self.now()
+        for name, created_at in list(self.warm_created_unseen.items()):
+            if name in seen or now - created_at > CREATED_POD_VISIBLE_WITHIN_SECONDS:
+                del self.warm_created_unseen[name]
+        return [view for view in views if (view.name, view.uid) not in self.ghosts]
+
     def namespace_views(self) -> Iterable[WorkerPodView]:
         for (namespace, _pool), store in self.pods.items():
             if namespace == self.namespace:
@@ -97,6 +112,11 @@ class PoolContext:
         for work_id, created_at in list(self.created_unseen.items()):
             if work_id in visible or now - created_at > CREATED_POD_VISIBLE_WITHIN_SECONDS:
                 del self.created_unseen[work_id]
+        return self.item_slots(views) + warm_slots_taken(self.warm_views(), utcnow()) + len(self.warm_created_unseen)
+
+    def item_slots(self, views: list[WorkerPodView] | None = None) -> int:
+        """Slots items take: their unfinished pods, and the items being dispatched whose pods are not in view."""
+        views = self.views() if views is None else views
         return dispatch.occupied_slots(dispatch.unfinished_work_ids(views, utcnow()),
                                        self.dispatching | set(self.created_unseen))
 

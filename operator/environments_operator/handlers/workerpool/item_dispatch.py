@@ -1,10 +1,16 @@
 """Dispatch of one claimed work item (DESIGN.md § "Dispatch must be exactly-once"): Pod, Secret, ack, release.
 
 1. the Pod, behind the scheduling gate ``SCHEDULING_GATE``: it exists, but no kubelet may start it;
-2. the per-item Secret, owned by that Pod (it goes with the pod, and belongs to exactly one pool);
+   or, when the pool has a ready warm pod, that pod, bound to the item (``bind_patch``: the per-item
+   labels and annotations); it runs, and waits for its assignment;
+2. the per-item Secret, owned by that Pod (it goes with the pod, and belongs to exactly one pool; for a
+   warm pod it is the durable copy of the item's secret, which the pod cannot read). For a warm pod
+   steps 1 and 2 go together: each is durable on its own, and a dispatch that stops between them
+   meets the bound pod when the item comes back;
 3. the ack;
-4. the release: the gate is removed, and only now can the worker start. A worker therefore never runs
-   on an item it does not hold (a slow ack, a lease lost while the pod still looks Running).
+4. the release: the gate is removed (a warm pod: its assignment Secret is written), and only now can
+   the worker start. A worker therefore never runs on an item it does not hold (a slow ack, a lease
+   lost while the pod still looks Running).
 
 Names are deterministic, so a second dispatch of the item meets its pod (AlreadyExists) and decides by
 ``domain.dispatch.existing_pod_action``: a gated pod is served (the steps go on from where they
@@ -28,7 +34,7 @@ from environments_operator.adapters.kube import KubeApiError
 from environments_operator.adapters.work_api import ClaimedWork, WorkApiError, WorkQueue
 from environments_operator.domain import dispatch
 from environments_operator.domain.conditions import rfc3339
-from environments_operator.domain.dispatch import DispatchFailure, WorkerPodView
+from environments_operator.domain.dispatch import DispatchFailure, ExistingPodAction, WorkerPodView
 from environments_operator.domain.pool_loop import (
     DISPATCH_BACKOFF_BASE_SECONDS,
     DISPATCH_BACKOFF_CAP_SECONDS,
@@ -40,23 +46,32 @@ from environments_operator.domain.worker_manifests import (
     JSON,
     PoolIdentity,
     WorkAssignment,
+    bind_patch,
     build_work_secret,
     build_worker_pod,
     placement_metadata,
+    work_secret_name,
 )
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
 from environments_operator.handlers.workerpool.lifecycle import WorkerLifecycle
 from environments_operator.handlers.workerpool.session_start import SESSION_STARTS
+from environments_operator.handlers.workerpool.warm import WarmWorkers
+
+
+async def ctx_patch(ctx: PoolContext, pod_name: str, patch: JSON) -> None:
+    await ctx.kube.merge_patch("Pod", ctx.namespace, pod_name, patch)
 
 
 class ItemDispatcher:
     """Turns one claimed item into its Secret and Pod, acknowledges it, and backs off when Kubernetes refuses."""
 
-    def __init__(self, ctx: PoolContext, lifecycle: WorkerLifecycle, *, last_dispatch_time: str | None,
+    def __init__(self, ctx: PoolContext, lifecycle: WorkerLifecycle, warm: WarmWorkers, *,
+                 last_dispatch_time: str | None,
                  placement_queue: Callable[[], WorkQueue | None] = lambda: None) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
+        self.warm = warm
         self.placement_queue = placement_queue  # the API-key client that records where items run
         self.background: set[asyncio.Task[None]] = set()
         self.backoff = Backoff()  # of refused creations; its problem is what DispatchFailing reports
@@ -83,22 +98,13 @@ class ItemDispatcher:
         await self.lifecycle.before_redelivery(item.work_id)
         work = WorkAssignment(work_id=item.work_id, environment_id=item.environment_id,
                               session_id=item.session_id, secret=item.secret)
-        kind = "Pod"
         try:
-            pod = await self._gated_pod(spec, work)
-            if pod is None:
-                return
-            kind = "Secret"
-            await self._write_secret(pod, work)
-        except KubeApiError as exc:
-            # Nothing is deleted here: the Secret may be in use by another dispatch of the same item (the
-            # sweep removes orphans), and a gated pod runs nothing (the lifecycle clears it if it stays).
-            self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
-                                                                item.work_id))
+            view = await self._pod_and_secret(spec, work)
+        finally:
+            self.warm.release_reservation(work.work_id)
+        if view is None:
             return
         metrics.DISPATCH_LATENCY.labels(stage="pod_created").observe(ctx.now() - claimed_at)
-        view = dispatch.worker_pod_view(pod)
-        assert view is not None  # built with the contract labels
         try:
             await queue.ack(item.work_id)
         except WorkApiError as exc:
@@ -116,8 +122,9 @@ class ItemDispatcher:
             return
         metrics.DISPATCH_LATENCY.labels(stage="acked").observe(ctx.now() - claimed_at)
         SESSION_STARTS.claimed(ctx.namespace, ctx.name, item.work_id, claimed_at)  # before: gated pods cannot run
-        if not await self.lifecycle.release(view):
+        if not await self.lifecycle.release(view, work):
             return
+        metrics.DISPATCH_LATENCY.labels(stage="released").observe(ctx.now() - claimed_at)
         ctx.logger.info("work item %s of session %s dispatched to pod %s/%s (pool %s)",
                         item.work_id, item.session_id, ctx.namespace, view.name, ctx.name)
         metrics.ITEMS_DISPATCHED.labels(namespace=ctx.namespace, pool=ctx.name).inc()
@@ -126,6 +133,78 @@ class ItemDispatcher:
         if self.backoff.attempts:
             self.backoff = self.backoff.succeeded()
             ctx.wake.set()
+
+    async def _pod_and_secret(self, spec: WorkerPoolSpec, work: WorkAssignment) -> WorkerPodView | None:
+        """Steps 1 and 2: the item's pod (still gated) and its Secret; None if the item is not to be served now."""
+        kind = "Pod"
+        try:
+            bound = self._bound_warm_pod(work.work_id)
+            if bound is not None:  # an earlier dispatch bound a warm pod to it
+                if await self._existing_pod_action(bound, work) != "serve":
+                    return None
+                kind = "Secret"
+                await self._write_secret(bound.name, bound.uid, bound.pool, work)
+                return bound
+            warm = self.warm.reserve(work.work_id)
+            if warm is not None:
+                view = dispatch.WorkerPodView(
+                    name=warm.name, namespace=warm.namespace, pool=warm.pool, work_id=work.work_id,
+                    phase=warm.phase, uid=warm.uid, environment_id=work.environment_id,
+                    session_id=work.session_id, warm=True, created_at=warm.created_at)
+                bound_now, secret_written = await asyncio.gather(
+                    ctx_patch(self.ctx, warm.name, bind_patch(self.ctx.identity, work)),
+                    self._write_secret(warm.name, warm.uid, warm.pool, work), return_exceptions=True)
+                if isinstance(bound_now, KubeApiError) and bound_now.status == 404:
+                    # The warm pod went away (deleted, evicted) before it could be bound: a fresh pod instead.
+                    await self.ctx.delete_quietly("Secret", work_secret_name(work.work_id))
+                    return await self._fresh_pod_and_secret(spec, work)
+                for outcome in (bound_now, secret_written):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                return view
+            return await self._fresh_pod_and_secret(spec, work)
+        except KubeApiError as exc:
+            # Nothing is deleted here: the Secret may be in use by another dispatch of the same item (the
+            # sweep removes orphans), and a gated pod runs nothing (the lifecycle clears it if it stays).
+            self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
+                                                                work.work_id))
+            return None
+
+    async def _fresh_pod_and_secret(self, spec: WorkerPoolSpec, work: WorkAssignment) -> WorkerPodView | None:
+        """The item's own gated pod, created now (or found from an earlier dispatch), and its Secret."""
+        kind = "Pod"
+        try:
+            pod = await self._gated_pod(spec, work)
+            if pod is None:
+                return None
+            kind = "Secret"
+            metadata = pod["metadata"]
+            pool = (metadata.get("annotations") or {}).get(ANNOTATION_WORKER_POOL) or self.ctx.name
+            await self._write_secret(str(metadata["name"]), str(metadata["uid"]), str(pool), work)
+        except KubeApiError as exc:
+            # Nothing is deleted here: the Secret may be in use by another dispatch of the same item (the
+            # sweep removes orphans), and a gated pod runs nothing (the lifecycle clears it if it stays).
+            self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
+                                                                work.work_id))
+            return None
+        view = dispatch.worker_pod_view(pod)
+        assert view is not None  # built with the contract labels
+        return view
+
+    def _bound_warm_pod(self, work_id: str) -> WorkerPodView | None:
+        return next((view for view in self.ctx.namespace_views() if view.warm and view.work_id == work_id), None)
+
+    async def _existing_pod_action(self, view: WorkerPodView, work: WorkAssignment) -> ExistingPodAction:
+        action = dispatch.existing_pod_action(view)
+        if action == "clear":
+            # Clear the way and leave the item unacknowledged: offered again, it gets a fresh pod.
+            self.ctx.logger.info("work item %s came back after its pod %s ended; it gets a fresh pod",
+                                 work.work_id, view.name)
+            await self.lifecycle.delete_worker(view)
+        elif action == "leave":
+            self.ctx.logger.debug("work item %s came back while its released pod %s has not ended; left to it",
+                                  work.work_id, view.name)
+        return action
 
     async def _gated_pod(self, spec: WorkerPoolSpec, work: WorkAssignment) -> JSON | None:
         """The item's pod, still gated: created now, or found from an earlier dispatch; None if not to serve now."""
@@ -140,20 +219,11 @@ class ItemDispatcher:
         view = dispatch.worker_pod_view(existing) if existing is not None else None
         if existing is None or view is None:
             return None  # gone again already, or not ours: offered again, and decided then
-        action = dispatch.existing_pod_action(view)
-        if action == "clear":
-            # Clear the way and leave the item unacknowledged: offered again, it gets a fresh pod.
-            ctx.logger.info("work item %s came back after its pod %s ended; it gets a fresh pod",
-                            work.work_id, view.name)
-            await self.lifecycle.delete_worker(view)
-            return None
-        if action == "leave":
-            ctx.logger.debug("work item %s came back while its released pod %s has not ended; left to it",
-                             work.work_id, view.name)
+        if await self._existing_pod_action(view, work) != "serve":
             return None
         return existing
 
-    async def _write_secret(self, pod: JSON, work: WorkAssignment) -> None:
+    async def _write_secret(self, pod_name: str, pod_uid: str, pod_pool: str, work: WorkAssignment) -> None:
         """The item's Secret, owned by its pod, holding this delivery's ``secret``.
 
         An existing Secret with another payload is replaced: the pod is still gated, so nothing has read
@@ -162,9 +232,8 @@ class ItemDispatcher:
         ctx = self.ctx
         # The pod may be another pool's of this namespace (one environment served by two pools): the Secret
         # is labelled with the pod's pool, so that pool's cleanup and sweep are the ones that see it.
-        pod_pool = (pod["metadata"].get("annotations") or {}).get(ANNOTATION_WORKER_POOL) or ctx.name
-        owner_pool = PoolIdentity(namespace=ctx.namespace, name=str(pod_pool), uid="")
-        manifest = build_work_secret(owner_pool, work, pod_uid=str(pod["metadata"]["uid"]))
+        owner_pool = PoolIdentity(namespace=ctx.namespace, name=pod_pool, uid="")
+        manifest = build_work_secret(owner_pool, work, pod_uid=pod_uid, pod_name=pod_name)
         if await ctx.kube.create("Secret", ctx.namespace, manifest) is not None:
             return
         name = manifest["metadata"]["name"]

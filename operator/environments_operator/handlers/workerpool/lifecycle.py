@@ -12,6 +12,7 @@ releases the gate of pods whose item is acknowledged, and force-stops items.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,23 @@ from environments_operator.domain.dispatch import WorkerPodView
 from environments_operator.domain.pool_loop import STOP_RETRY_SECONDS
 from environments_operator.domain.vocabulary import Backoff, backoff_seconds
 from environments_operator.domain.worker_lifecycle import UNRELEASED_CHECK_AFTER_SECONDS, PodMemory
-from environments_operator.domain.worker_manifests import pool_selector, release_patch, work_secret_name
+from environments_operator.domain.worker_manifests import (
+    WORK_SECRET_KEY,
+    WorkAssignment,
+    assigned_patch,
+    build_assignment_secret,
+    pool_selector,
+    release_patch,
+    work_secret_name,
+)
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import PoolContext, utcnow
 
 # Removing the gate is one small patch; a few quick tries ride out a blip before a later pass retries.
 RELEASE_ATTEMPTS = 3
+
+# The objects made for a warm pod, named after it (the Secret is its assignment).
+WARM_POD_OBJECT_KINDS = ("RoleBinding", "Role", "ServiceAccount", "Secret")
 
 # Per-item Secrets normally go with their pods; the sweep only catches those a crash left behind.
 SECRET_SWEEP_INTERVAL_SECONDS = 300.0
@@ -86,6 +98,8 @@ class WorkerLifecycle:
             self._report_and_owe_stop(view, worker_lifecycle.WORKER_VANISHED, worker_lifecycle.vanished_message(view),
                                       this_delivery_only=True)
             actions.append(ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
+            if view.warm:
+                actions.append(self.delete_warm_access(view.name))
         for view in plan.expired:
             if view.work_id not in self.pending_stops:  # a failed pod stays until its item is stopped
                 actions.append(self.delete_worker(view))
@@ -123,7 +137,8 @@ class WorkerLifecycle:
             self.ctx.logger.debug("reading the state of work item %s failed: %s", view.work_id, exc)
             return
         age = (utcnow() - view.created_at).total_seconds() if view.created_at else 0.0
-        action = worker_lifecycle.unreleased_pod_action(state, age_seconds=age, startup_timeout_seconds=startup_timeout)
+        action = worker_lifecycle.unreleased_pod_action(state, age_seconds=age, startup_timeout_seconds=startup_timeout,
+                                                        warm=view.warm)
         if action == "release":
             self.ctx.logger.info("work item %s is acknowledged but its pod %s was never released; releasing it",
                                  view.work_id, view.name)
@@ -137,12 +152,15 @@ class WorkerLifecycle:
                                      state or "gone")
             await self.delete_worker(view)
 
-    async def release(self, view: WorkerPodView) -> bool:
-        """Remove our scheduling gate from an acknowledged item's pod: from here its worker may start."""
+    async def release(self, view: WorkerPodView, work: WorkAssignment | None = None) -> bool:
+        """Remove our scheduling gate from an acknowledged item's pod (a warm pod: write its assignment):
+        from here its worker may start."""
         ctx = self.ctx
         pod_name = view.name
         for attempt in range(1, RELEASE_ATTEMPTS + 1):
             try:
+                if view.warm:
+                    return await self._assign(view, work)
                 await ctx.kube.merge_patch("Pod", ctx.namespace, pod_name, release_patch(view.scheduling_gates))
                 return True
             except KubeApiError as exc:
@@ -154,6 +172,28 @@ class WorkerLifecycle:
                     return False
                 await asyncio.sleep(backoff_seconds(attempt, base=0.2, cap=2.0))
         return False
+
+    async def _assign(self, view: WorkerPodView, work: WorkAssignment | None) -> bool:
+        """A bound warm pod's release: its assignment Secret, then the annotation that says it was written.
+
+        The item's secret comes from the dispatch, or (a dispatch that stopped after the ack) from the
+        per-item Secret it wrote first. A pod whose assignment exists already is only annotated.
+        """
+        ctx = self.ctx
+        if work is None:
+            secret = await ctx.kube.get("Secret", ctx.namespace, work_secret_name(view.work_id))
+            payload = _decoded((secret or {}).get("data") or {}, WORK_SECRET_KEY)
+            if payload is None or not view.environment_id or not view.session_id:
+                ctx.logger.warning("work item %s is bound to warm pod %s, but its Secret or annotations are gone; "
+                                   "the pod is deleted", view.work_id, view.name)
+                await self.delete_worker(view)
+                return False
+            work = WorkAssignment(work_id=view.work_id, environment_id=view.environment_id,
+                                  session_id=view.session_id, secret=payload)
+        await ctx.kube.create("Secret", ctx.namespace, build_assignment_secret(
+            ctx.identity, work, pod_name=view.name, pod_uid=view.uid))
+        await ctx.kube.merge_patch("Pod", ctx.namespace, view.name, assigned_patch())
+        return True
 
     def _report(self, view: WorkerPodView, reason: str, message: str) -> None:
         ctx = self.ctx
@@ -242,6 +282,12 @@ class WorkerLifecycle:
             return
         if secret is not None and worker_lifecycle.secret_belongs_to(secret, view.uid):
             await ctx.delete_quietly("Secret", name, uid=str(secret["metadata"].get("uid") or "") or None)
+        if view.warm:
+            await self.delete_warm_access(view.name)
+
+    async def delete_warm_access(self, pod_name: str) -> None:
+        """What was made for a warm pod (ServiceAccount, Role, RoleBinding, assignment Secret), all named after it."""
+        await asyncio.gather(*(self.ctx.delete_quietly(kind, pod_name) for kind in WARM_POD_OBJECT_KINDS))
 
     async def relist_pods(self, now: float) -> None:
         """List the pool's pods now and then: an indexed pod the list lacks was deleted unseen.
@@ -254,14 +300,14 @@ class WorkerLifecycle:
         if now < self.next_relist_at:
             return
         self.next_relist_at = now + ctx.settings.pod_relist_seconds
-        indexed = {(view.name, view.uid) for view in ctx.indexed_views()}
+        indexed = self._indexed(ctx)
         try:
             pods = await ctx.kube.list("Pod", ctx.namespace, pool_selector(ctx.name))
         except KubeApiError as exc:
             ctx.logger.warning("listing the pool's pods failed: %s", exc)
             return
         listed = {(str(pod["metadata"]["name"]), str(pod["metadata"].get("uid") or "")) for pod in pods}
-        still_indexed = {(view.name, view.uid) for view in ctx.indexed_views()}
+        still_indexed = self._indexed(ctx)
         # Only pods indexed before the list began can be judged by it; one that left the index is no ghost.
         ghosts = (indexed - listed) & still_indexed
         new = ghosts - ctx.ghosts
@@ -270,6 +316,12 @@ class WorkerLifecycle:
                                "resumed with 410 Gone); treating them as deleted: %s", len(new),
                                ", ".join(sorted(name for name, _uid in new)))
         ctx.ghosts = (ctx.ghosts & still_indexed) | ghosts
+
+    @staticmethod
+    def _indexed(ctx: PoolContext) -> set[tuple[str, str]]:
+        """(name, uid) of every pod the indices hold for the pool, item pods and unbound warm pods."""
+        warm = list(ctx.warm_pods.get(ctx.key, [])) if ctx.warm_pods is not None else []
+        return {(view.name, view.uid) for view in ctx.indexed_views()} | {(view.name, view.uid) for view in warm}
 
     async def sweep_secrets(self, now: float) -> None:
         ctx = self.ctx
@@ -287,3 +339,10 @@ class WorkerLifecycle:
         if orphans:
             ctx.logger.info("deleting %d per-item Secrets whose pods are gone", len(orphans))
             await asyncio.gather(*(ctx.delete_quietly("Secret", name) for name in orphans))
+
+
+def _decoded(data: dict[str, str], key: str) -> str | None:
+    try:
+        return base64.b64decode(data[key], validate=True).decode("utf-8") or None
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None

@@ -33,6 +33,7 @@ from environments_operator.domain.pool_loop import (
     stats_interval,
 )
 from environments_operator.domain.vocabulary import parse_time
+from environments_operator.domain.warm_workers import WarmPodView
 from environments_operator.domain.workerpool import PLURAL as WORKER_POOLS
 from environments_operator.domain.workerpool import QueueStatus, WorkerPoolSpec, WorkerPoolStatus
 from environments_operator.handlers.workerpool.context import Logger, PoolContext, PoolKey, pool_wakers, utcnow
@@ -40,6 +41,7 @@ from environments_operator.handlers.workerpool.item_dispatch import ItemDispatch
 from environments_operator.handlers.workerpool.lifecycle import OwedStop, WorkerLifecycle
 from environments_operator.handlers.workerpool.pollers import PollerGroup
 from environments_operator.handlers.workerpool.queue_access import QueueAccess
+from environments_operator.handlers.workerpool.warm import WarmWorkers
 from environments_operator.settings import OperatorSettings
 
 # How long the loop lets wake-ups accumulate before a pass (a burst's pod events, one pass).
@@ -51,15 +53,18 @@ class PoolDispatcher:
 
     def __init__(self, *, body: kopf.Body, memo: Any, logger: Logger,
                  environments: kopf.Index[PoolKey, dispatch.EnvironmentEntry],
-                 pods: kopf.Index[PoolKey, WorkerPodView]) -> None:
+                 pods: kopf.Index[PoolKey, WorkerPodView],
+                 warm_pods: kopf.Index[PoolKey, WarmPodView] | None = None) -> None:
         kube: KubeClient = memo["kube"]
         settings: OperatorSettings = memo["settings"]
-        self.ctx = ctx = PoolContext(body=body, logger=logger, kube=kube, settings=settings, pods=pods)
+        self.ctx = ctx = PoolContext(body=body, logger=logger, kube=kube, settings=settings, pods=pods,
+                                     warm_pods=warm_pods)
         self.wakers = pool_wakers(memo)
         self.access = QueueAccess(ctx, environments=environments, before_replacing=self._before_replacing_queue)
         self.lifecycle = WorkerLifecycle(ctx, queue_for=self.access.queue_for)
+        self.warm = WarmWorkers(ctx)
         status = body.get("status") or {}
-        self.items = ItemDispatcher(ctx, self.lifecycle, last_dispatch_time=status.get("lastDispatchTime"),
+        self.items = ItemDispatcher(ctx, self.lifecycle, self.warm, last_dispatch_time=status.get("lastDispatchTime"),
                                     placement_queue=self.access.api_key_queue)
         self.pollers = PollerGroup(ctx, self.access, self.items)
 
@@ -141,6 +146,7 @@ class PoolDispatcher:
         await self.lifecycle.relist_pods(now)
         views = ctx.views()
         await self.lifecycle.act(views)
+        await self.warm.act(views, polls_in_flight=len(self.pollers.polls_in_flight))
         if ctx.spec is not None and ctx.blocker is None:
             await self.lifecycle.sweep_secrets(now)
             self.pollers.ensure_poller()
@@ -158,7 +164,7 @@ class PoolDispatcher:
         return nap_length(NapInputs(
             now=now,
             stats_due_at=self.stats_at + self._stats_interval() if stats_due and self.stats_at is not None else None,
-            lifecycle_check_in=self.lifecycle.next_lifecycle_check,
+            lifecycle_check_in=_earliest(self.lifecycle.next_lifecycle_check, self.warm.next_check_in),
             key_retry_at=self.access.key_backoff.paused_until if blocked else None,
             poll_paused_until=self.pollers.backoff.paused_until,
             dispatch_paused_until=self.items.backoff.paused_until,
@@ -198,7 +204,7 @@ class PoolDispatcher:
         ctx = self.ctx
         spec = ctx.spec
         max_workers = spec.maxWorkers if spec else WorkerPoolSpec.model_fields["maxWorkers"].default
-        counts = dispatch.worker_counts(views)
+        counts = dispatch.worker_counts(views, ctx.warm_views())
         active = len(dispatch.unfinished_work_ids(views, utcnow()))
         for phase, count in counts.model_dump().items():
             metrics.WORKER_PODS.labels(namespace=ctx.namespace, pool=ctx.name, phase=phase).set(count)
@@ -254,6 +260,13 @@ class PoolDispatcher:
         self.ctx.stopping = True
         with contextlib.suppress(Exception):
             await self.pollers.stop(drain_dispatches=True)
+        with contextlib.suppress(Exception):
+            await self.warm.stop()
         if not deleted:
             with contextlib.suppress(Exception):
                 await self.access.close()
+
+
+def _earliest(*deadlines: float | None) -> float | None:
+    known = [deadline for deadline in deadlines if deadline is not None]
+    return min(known) if known else None
