@@ -87,7 +87,7 @@ async def test_kubectl_get_workerpools_shows_capacity_and_the_ready_reason(worke
         return header, dict(zip(header, cells, strict=True))
 
     header, shown = await asyncio.to_thread(kubectl)
-    assert header == ["NAME", "ENVIRONMENT", "MAX", "RUNNING", "STARTING", "QUEUED", "READY", "REASON", "AGE"]
+    assert header == ["NAME", "ENVIRONMENT", "MAX", "RUNNING", "STARTING", "WARM", "QUEUED", "READY", "REASON", "AGE"]
     # The environment ID is known from the spec, the key is not: the reason says why nothing runs.
     assert shown["MAX"] == "7" and shown["READY"] == "False" and shown["REASON"] == "EnvironmentKeyUnavailable"
     wide_header, _ = await asyncio.to_thread(kubectl, "-o", "wide")

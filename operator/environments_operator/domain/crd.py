@@ -157,6 +157,7 @@ def workerpool_crd() -> JSON:
             {"name": "Max", "type": "integer", "jsonPath": ".spec.maxWorkers"},
             {"name": "Running", "type": "integer", "jsonPath": ".status.workers.running"},
             {"name": "Starting", "type": "integer", "jsonPath": ".status.workers.starting"},
+            {"name": "Warm", "type": "integer", "jsonPath": ".status.workers.warm"},
             {"name": "Queued", "type": "integer", "jsonPath": ".status.queue.depth"},
             _condition_type_column("Ready"),
             _condition_reason_column("Ready"),
