@@ -302,8 +302,9 @@ async def measure(args: argparse.Namespace) -> None:
     print(f"  {'request':<40} {'cold/session':>12} {'warm/session':>12}")
     for key in every:
         print(f"  {key:<40} {cold_calls[key] / n_cold:12.2f} {warm_calls[key] / n_warm:12.2f}")
-    print(f"objects created per session: cold {sum(v for k, v in cold_calls.items() if k.startswith('create '))/n_cold:.1f}"
-          f", warm {sum(v for k, v in warm_calls.items() if k.startswith('create ')) / n_warm:.1f}")
+    created = {name: sum(v for k, v in calls.items() if k.startswith("create ")) / n
+               for name, calls, n in (("cold", cold_calls, n_cold), ("warm", warm_calls, n_warm))}
+    print(f"objects created per session: cold {created['cold']:.1f}, warm {created['warm']:.1f}")
     print(f"warm pods' own requests (in-cluster front) per warm pod: {sum(warm_front.values()) / n_warm:.1f} "
           f"{dict(warm_front)}")
     if idle_calls is not None and idle_front is not None:

@@ -88,8 +88,8 @@ def test_printer_columns() -> None:
         return [c["name"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"] if c.get("priority")]
 
     assert names("Environment") == ["Remote ID", "Type", "Ready", "Reason", "Age"]
-    assert names("WorkerPool") == ["Environment", "Max", "Running", "Starting", "Warm", "Queued", "Ready", "Reason", "Min",
-                                   "Failed", "Desired", "Suspended", "Age"]
+    assert names("WorkerPool") == ["Environment", "Max", "Running", "Starting", "Warm", "Queued", "Ready", "Reason",
+                                   "Min", "Failed", "Desired", "Suspended", "Age"]
     assert wide("WorkerPool") == ["Min", "Failed", "Desired", "Suspended"]  # -o wide
 
 
