@@ -135,7 +135,7 @@ async def bench_world(workdir: Path) -> AsyncIterator[tuple[Kube, EmulatorServer
                                "ENVIRONMENTS_OPERATOR_METRICS_PORT": "0",
                                "KUBECONFIG": str(kube.kubeconfig)})
             async with run_operator(kube, registry=kopf.get_default_registry(), namespaces=[NAMESPACE],
-                                    settings_hook=apply_kopf_settings, log_level=logging.WARNING) as operator:
+                                    settings_hook=apply_kopf_settings, log_level=logging.INFO) as operator:
                 kubelet = ProcessKubelet(kube, images={WORKER_IMAGE}, root=workdir / "node")
                 kubelet.start()
                 try:
@@ -196,12 +196,35 @@ class Sample:
     pod: str | None
 
 
+def diagnose(kube: Kube, emulator: EmulatorServer, session_id: str, operator: Any, kubelet: ProcessKubelet) -> None:
+    """What a session that got no tool result within the timeout left behind."""
+    print(f"\n!! session {session_id}: no user.tool_result in time", flush=True)
+    for item in emulator.state.work.values():
+        if item.session_id == session_id:
+            print(f"   work item {item.id}: {item.state}")
+    for pod in pool_pods(kube):
+        meta = pod["metadata"]
+        print(f"   pod {meta['name']}: {(pod.get('status') or {}).get('phase')} "
+              f"labels={meta.get('labels')} annotations={meta.get('annotations')} "
+              f"exit={kubelet.exit_codes.get(meta['name'])}")
+        with contextlib.suppress(Exception):
+            print("     log tail: " + " | ".join(kubelet.log(meta["name"]).splitlines()[-8:]))
+    for record in list(getattr(operator, "logs", []))[-15:]:
+        print(f"   operator {record.levelname}: {record.getMessage()[:300]}")
+    print(f"   events: {[e['type'] for e in emulator.state.sessions[session_id].events]}", flush=True)
+
+
 async def one_session(kube: Kube, emulator: EmulatorServer, api: Any, agent: str, record: Record,
-                      environment_id: str, warm: bool, timeout: float = 120) -> Sample:
+                      environment_id: str, warm: bool, operator: Any = None, kubelet: Any = None,
+                      timeout: float = 60) -> Sample:
     created = time.monotonic()
     session = await api.beta.sessions.create(agent=agent, environment_id=environment_id)
-    latency = await first_result_after(emulator, session.id, created, timeout)
     state = emulator.state
+    try:
+        latency = await first_result_after(emulator, session.id, created, timeout)
+    except TimeoutError:
+        diagnose(kube, emulator, session.id, operator, kubelet)
+        raise
 
     def served() -> bool:
         items = [i for i in state.work.values() if i.session_id == session.id]
@@ -236,14 +259,16 @@ def request_counts(kube: Kube, start: int, end: int) -> collections.Counter[str]
                                for c in kube.server.calls[start:end])
 
 
+Phase = tuple[list[Sample], collections.Counter[str], collections.Counter[str], int]
+
+
 async def run_phase(name: str, kube: Kube, emulator: EmulatorServer, api: Any, agent: str, record: Record,
-                    environment_id: str, count: int, warm: bool) -> tuple[list[Sample], collections.Counter[str],
-                                                                          collections.Counter[str], int]:
-    await one_session(kube, emulator, api, agent, record, environment_id, warm)  # warm-up, untimed
+                    environment_id: str, count: int, warm: bool, operator: Any, kubelet: ProcessKubelet) -> Phase:
+    await one_session(kube, emulator, api, agent, record, environment_id, warm, operator, kubelet)  # warm-up, untimed
     calls_from, front_from = len(kube.server.calls), len(kube.server.incluster_calls)
     samples = []
     for index in range(count):
-        samples.append(await one_session(kube, emulator, api, agent, record, environment_id, warm))
+        samples.append(await one_session(kube, emulator, api, agent, record, environment_id, warm, operator, kubelet))
         share = f", claim->assignment Secret {samples[-1].secret_share * 1000:5.1f} ms" \
             if samples[-1].secret_share is not None else ""
         print(f"{name} {index + 1:3}: {samples[-1].latency * 1000:7.0f} ms{share}", flush=True)
@@ -261,16 +286,18 @@ async def measure(args: argparse.Namespace) -> None:
     record = Record()
     instrument(record)
     with tempfile.TemporaryDirectory(prefix="bench-warm-start-") as workdir:
-        async with bench_world(Path(workdir)) as (kube, emulator, _kubelet, _operator):
+        async with bench_world(Path(workdir)) as (kube, emulator, kubelet, operator):
             environment_id = kube.get(WORKERPOOLS, POOL, NAMESPACE)["spec"]["environmentId"]
             async with api_client(emulator) as api:
                 agent = await scripted_agent(api, SCRIPT, reply="done")
                 cold, cold_calls, _, n_cold = await run_phase("cold", kube, emulator, api, agent, record,
-                                                              environment_id, args.sessions, warm=False)
+                                                              environment_id, args.sessions, warm=False,
+                                                              operator=operator, kubelet=kubelet)
                 kube.patch(WORKERPOOLS, POOL, {"spec": {"minWorkers": 2}}, NAMESPACE)
                 await kube.wait_until(lambda: len(ready_warm(kube)) >= 2, timeout=120, message="2 warm pods ready")
                 warm, warm_calls, warm_front, n_warm = await run_phase("warm", kube, emulator, api, agent, record,
-                                                                       environment_id, args.sessions, warm=True)
+                                                                       environment_id, args.sessions, warm=True,
+                                                                       operator=operator, kubelet=kubelet)
                 idle_calls, idle_front = None, None
                 if args.idle > 0:
                     calls_from, front_from = len(kube.server.calls), len(kube.server.incluster_calls)

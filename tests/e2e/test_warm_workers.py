@@ -70,6 +70,8 @@ class TestWarmWorkers:
         (work_id,) = [i.id for i in world.emulator.state.work.values() if i.session_id == session_id]
         pod_name = served_by(world)[work_id]
         assert pod_name in warm_names  # a pod that existed before the session did
+        await world.kube.wait_until(lambda: pod_name in process_kubelet.exit_codes, timeout=15,
+                                    message="the serving pod exited")
         assert process_kubelet.exit_codes[pod_name] == 0
         # One serves and exits; the pool is back to two warm pods, neither of them the one that served.
         again = await wait_warm_ready(world, 2)
@@ -113,6 +115,8 @@ class TestWarmWorkers:
         work_ids = [i.id for i in world.emulator.state.work.values() if i.session_id in session_ids]
         assert all(len([a for a in acks if f"/{w}/" in a.path]) == 1 for w in work_ids)
         assert len(process_kubelet.started) == len(set(process_kubelet.started))
+        # No pod served two items: each item has its own pod.
+        assert len(set(served_by(world).values())) == len(served_by(world))
         # The two warm pods ready before the burst served two of its items.
         assert warm_names <= set(served_by(world).values()) | set(process_kubelet.exit_codes)
 

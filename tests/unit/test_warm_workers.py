@@ -27,6 +27,7 @@ from environments_operator.domain.warm_workers import (
     WarmPlan,
     WarmPodView,
     choose_warm_pod,
+    orphaned_warm_access,
     plan_warm,
     retire_message,
     vanished_message,
@@ -829,3 +830,41 @@ def test_worker_counts_count_ready_warm_pods_as_warm_and_starting_ones_as_starti
                   view("f", ready=False, phase="Failed")]
     counts = worker_counts([], warm_views)
     assert (counts.warm, counts.starting, counts.running, counts.failed) == (1, 1, 0, 0)
+
+
+class TestFailedDeletes:
+    def test_a_pod_whose_delete_failed_is_retired_again(self) -> None:
+        """Deleted by us, yet no deletionTimestamp long after: the delete failed, and the pod is decided afresh."""
+        memory = WarmMemory()
+        memory.deleted["uid-a"] = T0 - timedelta(seconds=31)
+        result = plan([view("a", hash_="old")], memory)
+        assert retired(result) == {"a": "template"}
+
+    def test_a_pod_deleted_just_now_is_left_to_its_delete(self) -> None:
+        memory = WarmMemory()
+        memory.deleted["uid-a"] = T0 - timedelta(seconds=5)
+        result = plan([view("a", hash_="old")], memory)
+        assert retired(result) == {}
+
+
+class TestOrphanedWarmAccess:
+    @staticmethod
+    def account(pod: str, age: float | None = 120.0) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": pod, "labels": {"managedagents.dev/warm-pod": pod}}
+        if age is not None:
+            metadata["creationTimestamp"] = (T0 - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"metadata": metadata}
+
+    @pytest.mark.parametrize(("pods", "age", "orphan"), [
+        (set(), 120.0, True),             # its pod was never made (a crash between the two)
+        ({"p-warm-1"}, 120.0, False),     # its pod exists
+        (set(), 10.0, False),             # too young: its pod may be on its way
+        (set(), None, True),
+    ])
+    def test_service_accounts_without_their_pod(self, pods: set[str], age: float | None, orphan: bool) -> None:
+        found = orphaned_warm_access([self.account("p-warm-1", age)], pods, now=T0, grace_seconds=60)
+        assert found == (["p-warm-1"] if orphan else [])
+
+    def test_objects_not_made_for_a_warm_pod_are_never_swept(self) -> None:
+        assert orphaned_warm_access([{"metadata": {"name": "other", "labels": {}}}], set(), now=T0,
+                                    grace_seconds=60) == []

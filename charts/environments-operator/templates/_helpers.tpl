@@ -189,12 +189,14 @@ Role's in each listed namespace otherwise. Only what the operator calls; see the
   verbs: ["get", "list", "watch", "create", "delete"]
 # Warm workers (minWorkers): each warm pod runs as a ServiceAccount of its own, whose Role and
 # RoleBinding let it get and watch its assignment Secret and nothing else; all three go with the pod.
+# Listed to sweep those a crash left without their pod, and when the pool is deleted. Creating a Role is
+# bounded by RBAC's escalation check: it may grant only what the operator holds itself.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create", "delete"]
+  verbs: ["list", "create", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["create", "delete"]
+  verbs: ["list", "create", "delete"]
 # Events reporting what the operator did to a resource (kopf posts them; it never updates one).
 - apiGroups: [""]
   resources: ["events"]

@@ -27,6 +27,7 @@ from environments_operator.domain.worker_manifests import (
     ANNOTATION_WORK_ID,
     ANNOTATION_WORKER_POOL,
     LABEL_WARM,
+    LABEL_WARM_POD,
     LABEL_WORK_ID,
     LABEL_WORKER_POOL,
 )
@@ -39,6 +40,8 @@ WARM_WORKER_CREATION_FAILED = "WarmWorkerCreationFailed"
 
 # Remember the warm pods we deleted this long (their disappearance is not a vanish).
 FORGET_DELETED_AFTER_SECONDS = 600.0
+# A pod we deleted that still shows no deletionTimestamp after this long: the delete failed; retire it again.
+DELETE_RETRY_SECONDS = 30.0
 
 RetireReason = Literal["excess", "aged", "template", "failed", "start_timeout"]
 
@@ -170,6 +173,10 @@ def plan_warm(
     the names of warm pods an item is being bound to right now (never retired).
     """
     current = {view.uid: view for view in views}
+    for view in views:
+        at = memory.deleted.get(view.uid)
+        if at is not None and not view.deleting and (now - at).total_seconds() > DELETE_RETRY_SECONDS:
+            del memory.deleted[view.uid]  # its delete failed: decided afresh below
     retire: list[tuple[WarmPodView, RetireReason]] = []
     stuck: list[WarmPodView] = []
     deadlines: list[float] = []
@@ -253,3 +260,22 @@ def retire_message(view: WarmPodView, reason: RetireReason, *, startup_timeout_s
 
 def vanished_message(view: WarmPodView) -> str:
     return f"warm worker pod {view.name} disappeared before any item was bound to it; it is replaced"
+
+
+def orphaned_warm_access(service_accounts: Iterable[Mapping[str, Any]], pod_names: Set[str], *, now: datetime,
+                         grace_seconds: float) -> list[str]:
+    """The warm pods whose ServiceAccount (and Role, RoleBinding: named alike) exists without the pod: names.
+
+    Young ones are left alone: they are made just before their pod.
+    """
+    orphans = []
+    for account in service_accounts:
+        metadata: Mapping[str, Any] = account.get("metadata") or {}
+        pod = (metadata.get("labels") or {}).get(LABEL_WARM_POD)
+        if not pod or pod in pod_names:
+            continue
+        created = parse_time(metadata.get("creationTimestamp"))
+        if created is not None and (now - created).total_seconds() < grace_seconds:
+            continue
+        orphans.append(str(pod))
+    return orphans

@@ -92,8 +92,11 @@ class PoolContext:
         return [view for view in views if (view.name, view.uid) not in self.ghosts]
 
     def warm_views(self) -> list[WarmPodView]:
-        """The pool's unbound warm pods as the index holds them, less those a list showed are gone."""
-        views = list(self.warm_pods.get(self.key, [])) if self.warm_pods is not None else []
+        """The pool's unbound warm pods as the index holds them, less those a list showed are gone and those
+        the item index holds already (a bound pod's event reaches the two indices one after the other)."""
+        bound = {view.uid for view in self.indexed_views()}
+        views = [view for view in (self.warm_pods.get(self.key, []) if self.warm_pods is not None else [])
+                 if view.uid not in bound]
         seen = {view.name for view in views}
         now = self.now()
         for name, created_at in list(self.warm_created_unseen.items()):

@@ -154,6 +154,8 @@ class ItemDispatcher:
                 bound_now, secret_written = await asyncio.gather(
                     ctx_patch(self.ctx, warm.name, bind_patch(self.ctx.identity, work)),
                     self._write_secret(warm.name, warm.uid, warm.pool, work), return_exceptions=True)
+                if not isinstance(bound_now, BaseException):
+                    self.warm.bound(work.work_id)
                 if isinstance(bound_now, KubeApiError) and bound_now.status == 404:
                     # The warm pod went away (deleted, evicted) before it could be bound: a fresh pod instead.
                     await self.ctx.delete_quietly("Secret", work_secret_name(work.work_id))

@@ -26,6 +26,7 @@ from environments_operator.domain.pool_loop import STOP_RETRY_SECONDS
 from environments_operator.domain.vocabulary import Backoff, backoff_seconds
 from environments_operator.domain.worker_lifecycle import UNRELEASED_CHECK_AFTER_SECONDS, PodMemory
 from environments_operator.domain.worker_manifests import (
+    ASSIGNMENT_WORK_ID,
     WORK_SECRET_KEY,
     WorkAssignment,
     assigned_patch,
@@ -190,8 +191,15 @@ class WorkerLifecycle:
                 return False
             work = WorkAssignment(work_id=view.work_id, environment_id=view.environment_id,
                                   session_id=view.session_id, secret=payload)
-        await ctx.kube.create("Secret", ctx.namespace, build_assignment_secret(
+        created = await ctx.kube.create("Secret", ctx.namespace, build_assignment_secret(
             ctx.identity, work, pod_name=view.name, pod_uid=view.uid))
+        if created is None:  # written before (a dispatch that stopped after it): it must be this item's
+            existing = await ctx.kube.get("Secret", ctx.namespace, view.name)
+            assigned_to = _decoded((existing or {}).get("data") or {}, ASSIGNMENT_WORK_ID)
+            if assigned_to != work.work_id:
+                ctx.logger.error("warm pod %s already holds the assignment of work item %s, not %s; not released",
+                                 view.name, assigned_to, work.work_id)
+                return False
         await ctx.kube.merge_patch("Pod", ctx.namespace, view.name, assigned_patch())
         return True
 

@@ -149,6 +149,7 @@ class PoolDispatcher:
         await self.warm.act(views, polls_in_flight=len(self.pollers.polls_in_flight))
         if ctx.spec is not None and ctx.blocker is None:
             await self.lifecycle.sweep_secrets(now)
+            await self.warm.sweep_access(now, views)
             self.pollers.ensure_poller()
         await self.access.close_unused(
             in_use=self.pollers.queues_in_use(),

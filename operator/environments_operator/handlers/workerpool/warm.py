@@ -25,16 +25,20 @@ from environments_operator.domain.warm_workers import WarmMemory, WarmPodView
 from environments_operator.domain.worker_manifests import (
     build_warm_access,
     build_warm_pod,
+    pool_selector,
     template_hash,
     warm_pod_name,
 )
 from environments_operator.domain.workerpool import WorkerPoolSpec
-from environments_operator.handlers.workerpool.context import PoolContext, utcnow
+from environments_operator.handlers.workerpool.context import CREATED_POD_VISIBLE_WITHIN_SECONDS, PoolContext, utcnow
 from environments_operator.handlers.workerpool.lifecycle import WARM_POD_OBJECT_KINDS
 
 # A refused warm pod (a quota, a policy) is tried again after this long; warm pods are an optimisation,
 # and items are served by fresh pods meanwhile.
 CREATE_RETRY_SECONDS = 10.0
+# The objects of a warm pod whose creation a crash interrupted are swept this often, once this old.
+ACCESS_SWEEP_INTERVAL_SECONDS = 300.0
+ORPHAN_ACCESS_GRACE_SECONDS = 60.0
 _SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -44,44 +48,71 @@ class WarmWorkers:
     def __init__(self, ctx: PoolContext) -> None:
         self.ctx = ctx
         self.memory = WarmMemory()
-        self.reserved: dict[str, str] = {}  # work id -> the warm pod its dispatch binds
+        self.reserved: dict[str, tuple[str, str]] = {}  # work id -> (name, uid) of the warm pod its dispatch binds
+        # Warm pods bound, which the item index does not show yet (the watch event is on its way, and the
+        # two indices take it in one after the other): pod name -> (uid, work id, when bound). Never lent
+        # again, never retired, never taken for vanished.
+        self.bound_unseen: dict[str, tuple[str, str, float]] = {}
         self.create_paused_until = 0.0
         self.next_check_in: float | None = None
         self.creating: set[asyncio.Task[None]] = set()
+        self.next_sweep_at = 0.0
 
     # ----- binding ----------------------------------------------------------------------------------
 
     def reserve(self, work_id: str) -> WarmPodView | None:
         """A ready warm pod for this item, kept from every other item until ``release_reservation``."""
-        retiring = {view.name for view in self.ctx.warm_views() if view.uid in self.memory.deleted}
-        chosen = warm_workers.choose_warm_pod(self.ctx.warm_views(), set(self.reserved.values()) | retiring)
+        views = self.ctx.warm_views()
+        retiring = {view.name for view in views if view.uid in self.memory.deleted}
+        chosen = warm_workers.choose_warm_pod(views, self._taken(self.ctx.views()) | retiring)
         if chosen is not None:
-            self.reserved[work_id] = chosen.name
+            self.reserved[work_id] = (chosen.name, chosen.uid)
         return chosen
 
+    def bound(self, work_id: str) -> None:
+        """The item's reserved warm pod now carries its labels: it is the item's, whatever comes next."""
+        reserved = self.reserved.pop(work_id, None)
+        if reserved is not None:
+            name, uid = reserved
+            self.bound_unseen[name] = (uid, work_id, self.ctx.now())
+
     def release_reservation(self, work_id: str) -> None:
+        """The item's dispatch is over; a warm pod reserved and not bound is free again."""
         if self.reserved.pop(work_id, None) is not None:
             self.ctx.wake.set()
+
+    def _taken(self, item_views: list[WorkerPodView]) -> set[str]:
+        """Warm pods being bound, or bound and not yet among the item pods: not idle, whatever the warm index says."""
+        seen = {view.uid for view in item_views}
+        now = self.ctx.now()
+        self.bound_unseen = {name: (uid, work_id, at) for name, (uid, work_id, at) in self.bound_unseen.items()
+                             if uid not in seen and now - at < CREATED_POD_VISIBLE_WITHIN_SECONDS}
+        return {name for name, _uid in self.reserved.values()} | set(self.bound_unseen)
 
     # ----- keeping the warm set -------------------------------------------------------------------
 
     async def act(self, item_views: list[WorkerPodView], *, polls_in_flight: int) -> None:
         ctx = self.ctx
         spec = ctx.spec
-        views = ctx.warm_views()
+        all_views = ctx.warm_views()
         if spec is None:
             self.next_check_in = None
             return
         suspended = ctx.blocker is not None and ctx.blocker.reason == "Suspended"
         min_workers = 0 if suspended or ctx.stopping else spec.minWorkers
-        reserved = set(self.reserved.values())
+        # A warm pod being bound, or bound and not yet seen so, is its item's pod: planned as such, counted
+        # once (through its item's dispatch, or here once that is over).
+        taken = self._taken(item_views)
+        views = [view for view in all_views if view.name not in taken]
+        bound_items_done = sum(1 for _uid, work_id, _at in self.bound_unseen.values() if work_id not in ctx.dispatching)
         plan = warm_workers.plan_warm(
             views, self.memory, now=utcnow(), min_workers=min_workers, max_workers=spec.maxWorkers,
-            # An item being bound is counted once: its warm pod is still in the warm view.
-            busy=max(0, ctx.item_slots(item_views) - len(self.reserved)) + len(ctx.warm_created_unseen),
+            busy=ctx.item_slots(item_views) + bound_items_done + len(ctx.warm_created_unseen),
             polls_in_flight=polls_in_flight,
-            bound_uids={view.uid for view in item_views if view.warm},
-            reserved=reserved, startup_timeout_seconds=spec.startupTimeoutSeconds,
+            bound_uids={view.uid for view in item_views if view.warm} | {
+                uid for uid, _work_id, _at in self.bound_unseen.values()} | {
+                uid for _name, uid in self.reserved.values()},
+            reserved=set(), startup_timeout_seconds=spec.startupTimeoutSeconds,
             max_age_seconds=spec.warmMaxAgeSeconds, template_hash=template_hash(spec.template))
         self.next_check_in = plan.next_check_in
         actions = []
@@ -106,6 +137,26 @@ class WarmWorkers:
         elif plan.create and ctx.now() < self.create_paused_until:
             retry_in = self.create_paused_until - ctx.now()
             self.next_check_in = retry_in if self.next_check_in is None else min(self.next_check_in, retry_in)
+
+    async def sweep_access(self, now: float, item_views: list[WorkerPodView]) -> None:
+        """Delete the ServiceAccounts (and the Roles, RoleBindings and Secrets named alike) of warm pods that
+        do not exist: an operator that died between making them and making the pod left them behind."""
+        ctx, spec = self.ctx, self.ctx.spec
+        if now < self.next_sweep_at or spec is None or (spec.minWorkers == 0 and not self.memory.known):
+            return
+        self.next_sweep_at = now + ACCESS_SWEEP_INTERVAL_SECONDS
+        try:
+            accounts = await ctx.kube.list("ServiceAccount", ctx.namespace, pool_selector(ctx.name))
+        except KubeApiError as exc:
+            ctx.logger.warning("listing the pool's warm ServiceAccounts failed: %s", exc)
+            return
+        pods = {view.name for view in ctx.warm_views()} | {view.name for view in item_views} | set(
+            ctx.warm_created_unseen)
+        orphans = warm_workers.orphaned_warm_access(accounts, pods, now=utcnow(),
+                                                    grace_seconds=ORPHAN_ACCESS_GRACE_SECONDS)
+        if orphans:
+            ctx.logger.info("deleting what was made for %d warm pods that do not exist", len(orphans))
+            await asyncio.gather(*(self.delete_access(name) for name in orphans))
 
     def _start_creation(self, spec: WorkerPoolSpec) -> None:
         name = warm_pod_name(self.ctx.name, "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(5)))
