@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from environments_operator.domain import crd, dispatch, worker_lifecycle
+from environments_operator.domain import crd, dispatch, warm_workers, worker_lifecycle
 from environments_operator.domain import environment_sync as sync
 from environments_operator.domain.environment import KIND as ENVIRONMENT
 from environments_operator.domain.pool_loop import REPEATED_FAILURE_EVENT_EVERY
@@ -206,6 +206,13 @@ EVENTS: dict[str, list[Event]] = {
               "are in the message); its item is force-stopped."),
         Event("Warning", worker_lifecycle.WORKER_VANISHED, "A worker pod disappeared before it finished; its item is "
               "force-stopped."),
+        Event("Warning", warm_workers.WARM_WORKER_FAILED, "An idle warm pod ended before any item was bound to it; "
+              "it is deleted and replaced."),
+        Event("Warning", warm_workers.WARM_WORKER_START_TIMEOUT, "An idle warm pod was not ready within "
+              "`startupTimeoutSeconds`; it is deleted and replaced, and no item was bound to it."),
+        Event("Warning", warm_workers.WARM_WORKER_VANISHED, "An idle warm pod disappeared; it is replaced."),
+        Event("Warning", warm_workers.WARM_WORKER_CREATION_FAILED, "Creating a warm pod (or its ServiceAccount, "
+              "Role or RoleBinding) was refused; retried after 10 s, and items get fresh pods meanwhile."),
         Event("Warning", worker_lifecycle.WORKER_NEVER_RELEASED, "A gated pod's item was still queued after "
               "`startupTimeoutSeconds` without being acknowledged; the pod (in which no worker ever ran) is deleted."),
         Event("Warning", worker_lifecycle.WORKER_FORCE_DELETED, "A deleted worker pod was still Terminating after its "

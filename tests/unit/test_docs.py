@@ -19,7 +19,7 @@ import yaml
 from environments_operator import docs_gen
 from environments_operator.crdgen import render_crds
 from environments_operator.devcluster.crd_validation import validate
-from environments_operator.domain import dispatch, worker_lifecycle
+from environments_operator.domain import dispatch, warm_workers, worker_lifecycle
 from environments_operator.domain import environment_sync as sync
 from environments_operator.domain.api_failure import ApiFailure
 from environments_operator.domain.environment import EnvironmentSpec
@@ -195,7 +195,7 @@ def _reason_constants(*modules: Any) -> set[str]:
 
 
 @pytest.mark.parametrize(("kind", "modules"), [
-    (ENVIRONMENT, (sync,)), (WORKER_POOL, (dispatch, worker_lifecycle)),
+    (ENVIRONMENT, (sync,)), (WORKER_POOL, (dispatch, worker_lifecycle, warm_workers)),
 ], ids=[ENVIRONMENT, WORKER_POOL])
 def test_every_reason_constant_of_the_domain_is_documented(kind: str, modules: tuple[Any, ...]) -> None:
     constants = _reason_constants(*modules)
@@ -204,7 +204,7 @@ def test_every_reason_constant_of_the_domain_is_documented(kind: str, modules: t
 
 
 def test_no_reason_is_documented_that_the_domain_does_not_name() -> None:
-    for kind, modules in ((ENVIRONMENT, (sync,)), (WORKER_POOL, (dispatch, worker_lifecycle))):
+    for kind, modules in ((ENVIRONMENT, (sync,)), (WORKER_POOL, (dispatch, worker_lifecycle, warm_workers))):
         generated = {row.reason for row in docs_gen.CONDITIONS[kind]
                      if row.conditions == dispatch.CONDITION_DISPATCH_FAILING}
         types = set(docs_gen.condition_types(kind))  # named by constants too, e.g. dispatch.CONDITION_READY
@@ -266,6 +266,7 @@ EVENT_POSTERS: dict[str, tuple[int | str, int]] = {
     "report_terminal": ("Warning", 0),
     "_report": ("Warning", 1),
     "_report_and_owe_stop": ("Warning", 1),
+    "_warn": ("Warning", 0),
 }
 
 

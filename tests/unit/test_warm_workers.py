@@ -273,6 +273,10 @@ def plan(views: list[WarmPodView], memory: WarmMemory | None = None, **overrides
         "reserved": set(), "startup_timeout_seconds": STARTUP, "max_age_seconds": MAX_AGE, "template_hash": HASH,
     }
     arguments.update(overrides)
+    # As the pool does: a pod an item is being bound to is that item's (its slot is in busy), not idle.
+    reserved = arguments.pop("reserved")
+    arguments["busy"] += sum(1 for v in views if v.name in reserved)
+    views = [v for v in views if v.name not in reserved]
     return plan_warm(views, memory if memory is not None else WarmMemory(), **arguments)
 
 
@@ -371,7 +375,7 @@ class TestPlanExcess:
         ([view("a", age=500), view("b", age=5), view("d", ready=False, deleting=True, deadline=30)],
          dict(min_workers=2, max_workers=2), {"b": "excess"}),
         # never one being bound
-        ([view("a", age=500), view("b", age=5)], dict(min_workers=1, reserved={"b"}), {"a": "excess"}),
+        ([view("a", age=500), view("b", age=5)], dict(min_workers=1, reserved={"b"}), {}),  # b is its item's now
         ([view("a", age=500), view("b", age=5)], dict(min_workers=0, reserved={"a", "b"}), {}),
         ([view("a", age=500), view("b", age=5)], dict(min_workers=0, reserved={"a"}), {"b": "excess"}),
         ([view("a", age=500)], dict(min_workers=1), {}),
@@ -868,3 +872,23 @@ class TestOrphanedWarmAccess:
     def test_objects_not_made_for_a_warm_pod_are_never_swept(self) -> None:
         assert orphaned_warm_access([{"metadata": {"name": "other", "labels": {}}}], set(), now=T0,
                                     grace_seconds=60) == []
+
+
+class TestReviewFindings:
+    def test_pods_being_created_are_not_created_again(self) -> None:
+        """Two on their way and none in view: nothing more to create (it used to start two more each pass)."""
+        assert plan([], min_workers=2, max_workers=10, creating=2).create == 0
+        assert plan([view("a")], min_workers=2, max_workers=10, creating=1).create == 0
+        assert plan([view("a")], min_workers=3, max_workers=10, creating=1).create == 1
+
+    def test_a_ready_pod_a_poll_counts_on_is_not_retired_by_choice(self) -> None:
+        """maxWorkers 2, two ready warm pods, two polls in flight: retiring the aged one would leave the
+        second poll's item a fresh pod beside a terminating one, three pods for two slots."""
+        pods = [view("a", age=MAX_AGE), view("b")]
+        assert retired(plan(pods, min_workers=2, max_workers=2, polls_in_flight=2)) == {}
+        assert retired(plan(pods, min_workers=2, max_workers=2, polls_in_flight=1)) == {"a": "aged"}
+        assert retired(plan(pods, min_workers=2, max_workers=3, polls_in_flight=2)) == {"a": "aged"}
+
+    def test_a_pod_that_never_got_ready_is_retired_whatever_the_polls(self) -> None:
+        pods = [view("a", ready=False, age=STARTUP), view("b")]
+        assert retired(plan(pods, min_workers=2, max_workers=2, polls_in_flight=2)) == {"a": "start_timeout"}

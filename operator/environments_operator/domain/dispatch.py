@@ -353,8 +353,9 @@ def existing_pod_action(view: WorkerPodView) -> ExistingPodAction:
 
     Pod names derive from the work ID, so the item meets its own pod whenever it comes back:
 
-    - ``serve``: the pod is still gated, so no worker ever ran in it (an earlier dispatch stopped before
-      the release); write its Secret, acknowledge, release it.
+    - ``serve``: the pod is still gated, so no worker served the item in it (an earlier dispatch stopped
+      before the release; a bound warm pod runs, but without its assignment it serves nothing); write its
+      Secret, acknowledge, release it.
     - ``clear``: the pod ended or is being deleted; delete it and leave the item unacknowledged, to be
       offered again and get a fresh pod.
     - ``leave``: the pod was released and has not ended: a worker may be serving the item, or will find

@@ -61,6 +61,8 @@ class WarmPodView:
     deletion_deadline: datetime | None = None
     template_hash: str | None = None
     cause: str | None = None
+    # Binding is conditional on it: a pod changed since (bound by another dispatch) is not bound again.
+    resource_version: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -96,6 +98,7 @@ def warm_pod_view(pod: Mapping[str, Any]) -> WarmPodView | None:
         deletion_deadline=parse_time(metadata.get("deletionTimestamp")),
         template_hash=annotations.get(ANNOTATION_TEMPLATE_HASH),
         cause=_pod_cause(phase, status),
+        resource_version=str(metadata["resourceVersion"]) if metadata.get("resourceVersion") else None,
     )
 
 
@@ -161,16 +164,19 @@ def plan_warm(
     busy: int,
     polls_in_flight: int,
     bound_uids: Set[str],
-    reserved: Set[str],
     startup_timeout_seconds: float,
     max_age_seconds: float,
     template_hash: str,
+    creating: int = 0,
 ) -> WarmPlan:
     """Decide which warm pods to create and retire, and update ``memory`` to the current view.
 
-    ``busy`` are the slots items' pods take (unfinished pods, items being dispatched); ``bound_uids``
-    the warm pods that are items' pods now (gone from the warm view, but not vanished); ``reserved``
-    the names of warm pods an item is being bound to right now (never retired).
+    ``views`` are the idle warm pods (none an item is being bound to); ``busy`` the slots items' pods
+    take (unfinished pods, items being dispatched); ``bound_uids`` the warm pods that are items' pods now
+    (gone from the warm view, but not vanished); ``creating`` the warm pods being created, not in view yet.
+
+    A ready pod is retired by choice (too many, too old, an older template) only while the polls in
+    flight still find a ready warm pod or a free slot each: each of them may return an item.
     """
     current = {view.uid: view for view in views}
     for view in views:
@@ -181,6 +187,7 @@ def plan_warm(
     stuck: list[WarmPodView] = []
     deadlines: list[float] = []
     healthy: list[WarmPodView] = []
+    refresh: list[tuple[WarmPodView, RetireReason]] = []  # ready, to be replaced if the polls allow
     deleting = 0
     for view in views:
         if view.deleting or view.uid in memory.deleted:
@@ -191,18 +198,15 @@ def plan_warm(
                 if view.deletion_deadline is not None:
                     deadlines.append((view.deletion_deadline - now).total_seconds() + 0.001)
             continue
-        if view.name in reserved:
-            healthy.append(view)
-            continue
         age = _age(view, now)
         if view.finished:
             retire.append((view, "failed"))
         elif not view.ready and age >= startup_timeout_seconds:
             retire.append((view, "start_timeout"))
         elif view.ready and view.template_hash not in (None, template_hash):
-            retire.append((view, "template"))
+            refresh.append((view, "template"))
         elif view.ready and max_age_seconds > 0 and age >= max_age_seconds:
-            retire.append((view, "aged"))
+            refresh.append((view, "aged"))
         else:
             healthy.append(view)
             if not view.ready:
@@ -213,16 +217,26 @@ def plan_warm(
     # A pod retired now still holds its slot until it is gone (a failed one holds none).
     deleting += sum(1 for view, _reason in retire if not view.finished)
     target = warm_target(min_workers=min_workers, max_workers=max_workers, busy=busy + deleting)
-    if len(healthy) > target:
-        # Not-ready ones first (they serve no one yet), then the youngest; never one being bound.
-        candidates = [v for v in healthy if v.name not in reserved]
-        extra = sorted(candidates, key=lambda v: (v.ready, -(v.created_at or now).timestamp()))[:len(healthy) - target]
-        retire.extend((view, "excess") for view in extra)
-        healthy = [v for v in healthy if v not in extra]
-    ready_idle = sum(1 for v in healthy if v.ready and v.name not in reserved)
+    healthy.extend(view for view, _reason in refresh)
+    # Retire: too many (not-ready ones first, they serve no one yet; then the youngest), then the stale.
+    by_preference = sorted(healthy, key=lambda v: (v.ready, -(v.created_at or now).timestamp()))
+    excess = by_preference[:max(0, len(healthy) - target)]
+    stale: dict[str, RetireReason] = {view.uid: reason for view, reason in refresh}
+    candidates: list[tuple[WarmPodView, RetireReason]] = [(view, stale.get(view.uid, "excess")) for view in excess]
+    candidates += [(view, reason) for view, reason in refresh if view not in excess]
+    for view, reason in candidates:
+        ready_after = sum(1 for v in healthy if v.ready) - (1 if view.ready else 0)
+        free = max_workers - busy - deleting - len(stuck) - creating - len(healthy)  # a retired pod keeps its slot
+        if view.ready and ready_after + max(0, free) < polls_in_flight:
+            continue  # a poll in flight counts on it: retired on a later pass
+        retire.append((view, reason))
+        healthy.remove(view)
+        deleting += 1
+    ready_idle = sum(1 for v in healthy if v.ready)
     # Room no poll in flight counts on: each poll beyond the ready warm pods may need a fresh pod's slot.
-    room = max_workers - busy - deleting - len(stuck) - max(0, polls_in_flight - ready_idle)
-    create = max(0, min(target, room) - len(healthy))
+    room = (max_workers - busy - deleting - len(stuck) - creating - len(healthy)
+            - max(0, polls_in_flight - ready_idle))
+    create = max(0, min(target - len(healthy) - creating, room))
 
     vanished = [
         view for uid, view in memory.known.items()

@@ -121,7 +121,8 @@ def plan_lifecycle(
             continue
         if pod_key(view) in memory.deleted:
             continue
-        started = view.created_at or memory.first_seen[pod_key(view)]
+        # A bound warm pod is an item's pod since it was bound, not since it was made.
+        started = memory.first_seen[pod_key(view)] if view.warm else view.created_at or memory.first_seen[pod_key(view)]
         age = _seconds(now, started)
         if view.gated and not view.finished:  # a bound warm pod waiting for its assignment is Running
             if view.work_id in in_flight:

@@ -403,13 +403,20 @@ def build_warm_pod(
     return pod
 
 
-def bind_patch(pool: PoolIdentity, work: WorkAssignment) -> JSON:
-    """The merge patch that binds a warm pod to an item: the per-item labels and annotations a fresh pod has."""
-    return {"metadata": {
+def bind_patch(pool: PoolIdentity, work: WorkAssignment, *, resource_version: str | None = None) -> JSON:
+    """The merge patch that binds a warm pod to an item: the per-item labels and annotations a fresh pod has.
+
+    With ``resource_version`` the apiserver applies it only to the pod as it was then (else 409
+    Conflict): a pod that another dispatch bound meanwhile is never bound twice.
+    """
+    metadata: JSON = {
         "labels": {LABEL_WORK_ID: label_value(work.work_id), LABEL_SESSION_ID: label_value(work.session_id)},
         "annotations": {ANNOTATION_WORK_ID: work.work_id, ANNOTATION_SESSION_ID: work.session_id,
                         ANNOTATION_ENVIRONMENT_ID: work.environment_id, ANNOTATION_WORKER_POOL: pool.name},
-    }}
+    }
+    if resource_version:
+        metadata["resourceVersion"] = resource_version
+    return {"metadata": metadata}
 
 
 def assigned_patch() -> JSON:

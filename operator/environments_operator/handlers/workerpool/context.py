@@ -30,6 +30,9 @@ PoolKey = tuple[str, str]
 
 WAKERS = "workerpool_wakers"
 
+# The objects made for a warm pod, all named after it (the Secret is its assignment).
+WARM_POD_OBJECT_KINDS = ("RoleBinding", "Role", "ServiceAccount", "Secret")
+
 # A pod we created is counted as ours until the pod watch shows it, at most this long.
 CREATED_POD_VISIBLE_WITHIN_SECONDS = 30.0
 
@@ -125,6 +128,10 @@ class PoolContext:
 
     def event(self, type_: str, reason: str, message: str) -> None:
         kopf.event(self.body, type=type_, reason=reason, message=message)
+
+    async def delete_warm_objects(self, pod_name: str) -> None:
+        """What was made for a warm pod (ServiceAccount, Role, RoleBinding, assignment Secret): all named after it."""
+        await asyncio.gather(*(self.delete_quietly(kind, pod_name) for kind in WARM_POD_OBJECT_KINDS))
 
     async def delete_quietly(self, kind: str, name: str, *, uid: str | None = None,
                              grace_period_seconds: int | None = None) -> None:

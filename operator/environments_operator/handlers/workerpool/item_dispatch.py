@@ -59,10 +59,6 @@ from environments_operator.handlers.workerpool.session_start import SESSION_STAR
 from environments_operator.handlers.workerpool.warm import WarmWorkers
 
 
-async def ctx_patch(ctx: PoolContext, pod_name: str, patch: JSON) -> None:
-    await ctx.kube.merge_patch("Pod", ctx.namespace, pod_name, patch)
-
-
 class ItemDispatcher:
     """Turns one claimed item into its Secret and Pod, acknowledges it, and backs off when Kubernetes refuses."""
 
@@ -151,14 +147,18 @@ class ItemDispatcher:
                     name=warm.name, namespace=warm.namespace, pool=warm.pool, work_id=work.work_id,
                     phase=warm.phase, uid=warm.uid, environment_id=work.environment_id,
                     session_id=work.session_id, warm=True, created_at=warm.created_at)
+                patch = bind_patch(self.ctx.identity, work, resource_version=warm.resource_version)
                 bound_now, secret_written = await asyncio.gather(
-                    ctx_patch(self.ctx, warm.name, bind_patch(self.ctx.identity, work)),
+                    self.ctx.kube.merge_patch("Pod", self.ctx.namespace, warm.name, patch),
                     self._write_secret(warm.name, warm.uid, warm.pool, work), return_exceptions=True)
                 if not isinstance(bound_now, BaseException):
                     self.warm.bound(work.work_id)
-                if isinstance(bound_now, KubeApiError) and bound_now.status == 404:
-                    # The warm pod went away (deleted, evicted) before it could be bound: a fresh pod instead.
+                elif isinstance(bound_now, KubeApiError) and bound_now.status in (404, 409):
+                    # The warm pod went away (deleted, evicted) or changed (bound by another dispatch) before
+                    # it could be bound: the Secret written for it goes, and the item gets a fresh pod.
                     await self.ctx.delete_quietly("Secret", work_secret_name(work.work_id))
+                    if bound_now.status == 404:
+                        await self.ctx.delete_warm_objects(warm.name)
                     return await self._fresh_pod_and_secret(spec, work)
                 for outcome in (bound_now, secret_written):
                     if isinstance(outcome, BaseException):

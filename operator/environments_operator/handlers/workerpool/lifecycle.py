@@ -41,9 +41,6 @@ from environments_operator.handlers.workerpool.context import PoolContext, utcno
 # Removing the gate is one small patch; a few quick tries ride out a blip before a later pass retries.
 RELEASE_ATTEMPTS = 3
 
-# The objects made for a warm pod, named after it (the Secret is its assignment).
-WARM_POD_OBJECT_KINDS = ("RoleBinding", "Role", "ServiceAccount", "Secret")
-
 # Per-item Secrets normally go with their pods; the sweep only catches those a crash left behind.
 SECRET_SWEEP_INTERVAL_SECONDS = 300.0
 ORPHAN_SECRET_GRACE_SECONDS = 60.0
@@ -60,6 +57,7 @@ class OwedStop:
     # Owed only to the delivery the pod held (a failed or vanished pod): an item offered again since is
     # served by a fresh pod instead (``worker_lifecycle.owed_stop_action``).
     this_delivery_only: bool = False
+    pod_uid: str = ""  # the pod whose end put the item in debt
 
 
 class WorkerLifecycle:
@@ -100,7 +98,7 @@ class WorkerLifecycle:
                                       this_delivery_only=True)
             actions.append(ctx.delete_quietly("Secret", work_secret_name(view.work_id)))
             if view.warm:
-                actions.append(self.delete_warm_access(view.name))
+                actions.append(ctx.delete_warm_objects(view.name))
         for view in plan.expired:
             if view.work_id not in self.pending_stops:  # a failed pod stays until its item is stopped
                 actions.append(self.delete_worker(view))
@@ -186,7 +184,8 @@ class WorkerLifecycle:
             payload = _decoded((secret or {}).get("data") or {}, WORK_SECRET_KEY)
             if payload is None or not view.environment_id or not view.session_id:
                 ctx.logger.warning("work item %s is bound to warm pod %s, but its Secret or annotations are gone; "
-                                   "the pod is deleted", view.work_id, view.name)
+                                   "the pod is deleted and the item force-stopped", view.work_id, view.name)
+                self._owe_stop(view, "AssignmentLost")
                 await self.delete_worker(view)
                 return False
             work = WorkAssignment(work_id=view.work_id, environment_id=view.environment_id,
@@ -197,11 +196,16 @@ class WorkerLifecycle:
             existing = await ctx.kube.get("Secret", ctx.namespace, view.name)
             assigned_to = _decoded((existing or {}).get("data") or {}, ASSIGNMENT_WORK_ID)
             if assigned_to != work.work_id:
-                ctx.logger.error("warm pod %s already holds the assignment of work item %s, not %s; not released",
-                                 view.name, assigned_to, work.work_id)
+                ctx.logger.error("warm pod %s already holds the assignment of work item %s, not %s; the latter is "
+                                 "force-stopped", view.name, assigned_to, work.work_id)
+                self._owe_stop(view, "AssignmentTaken")
                 return False
         await ctx.kube.merge_patch("Pod", ctx.namespace, view.name, assigned_patch())
         return True
+
+    def _owe_stop(self, view: WorkerPodView, reason: str) -> None:
+        """An acknowledged item that no worker will serve: it is stopped (no session left hanging)."""
+        self.pending_stops[view.work_id] = OwedStop(reason, view.environment_id or self.ctx.environment_id)
 
     def _report(self, view: WorkerPodView, reason: str, message: str) -> None:
         ctx = self.ctx
@@ -213,7 +217,7 @@ class WorkerLifecycle:
                              then_delete: bool = False, this_delivery_only: bool = False) -> None:
         """An abnormal end: the item must be stopped (no session left hanging), and people must know."""
         self.pending_stops[view.work_id] = OwedStop(reason, view.environment_id or self.ctx.environment_id,
-                                                    view if then_delete else None, this_delivery_only)
+                                                    view if then_delete else None, this_delivery_only, view.uid)
         self._report(view, reason, message)
 
     async def before_redelivery(self, work_id: str) -> None:
@@ -240,10 +244,13 @@ class WorkerLifecycle:
                     del self.stops_in_flight[work_id]
 
         async def stop_through(queue: WorkQueue, work_id: str, owed: OwedStop) -> bool:
-            if owed.this_delivery_only and await self._offered_again(queue, work_id):
-                self.ctx.logger.info("work item %s was offered again after its pod ended; a fresh pod serves it, "
-                                     "so it is not stopped", work_id)
-                return True
+            if owed.this_delivery_only:
+                if work_id in self.ctx.dispatching:
+                    return False  # decided once that dispatch is over (it may be binding the very pod that ended)
+                if await self._offered_again(queue, work_id, owed.pod_uid):
+                    self.ctx.logger.info("work item %s was offered again after its pod ended; a fresh pod serves "
+                                         "it, so it is not stopped", work_id)
+                    return True
             try:
                 await queue.stop(work_id, force=True)  # 404 and 409 (gone, already stopped) count as done
             except WorkApiError as exc:
@@ -263,18 +270,18 @@ class WorkerLifecycle:
         else:
             self.stop_backoff = Backoff()
 
-    async def _offered_again(self, queue: WorkQueue, work_id: str) -> bool:
-        """Whether the item is a new delivery now (``owed_stop_action``). A state that cannot be read (a
-        client holding only the API key, which ``work.list`` refuses; an outage) counts as not: the stop
-        goes out, as it would have before the item could come back."""
-        if work_id in self.ctx.dispatching:
+    async def _offered_again(self, queue: WorkQueue, work_id: str, pod_uid: str) -> bool:
+        """Whether the item is a new delivery now: another pod serves it, or it is queued again
+        (``owed_stop_action``). A state that cannot be read (a client holding only the API key, which
+        ``work.list`` refuses; an outage) counts as not: the stop goes out."""
+        if any(view.work_id == work_id and view.uid != pod_uid and not view.finished for view in self.ctx.views()):
             return True
         try:
             state = await queue.state(work_id)
         except WorkApiError as exc:
             self.ctx.logger.debug("reading the state of work item %s failed: %s", work_id, exc)
             return False
-        return worker_lifecycle.owed_stop_action(state, dispatching=work_id in self.ctx.dispatching) == "drop"
+        return worker_lifecycle.owed_stop_action(state, dispatching=False) == "drop"
 
     async def delete_worker(self, view: WorkerPodView) -> None:
         """Delete this pod and its Secret, and only those: a newer pod of the same name (the item came back
@@ -291,11 +298,7 @@ class WorkerLifecycle:
         if secret is not None and worker_lifecycle.secret_belongs_to(secret, view.uid):
             await ctx.delete_quietly("Secret", name, uid=str(secret["metadata"].get("uid") or "") or None)
         if view.warm:
-            await self.delete_warm_access(view.name)
-
-    async def delete_warm_access(self, pod_name: str) -> None:
-        """What was made for a warm pod (ServiceAccount, Role, RoleBinding, assignment Secret), all named after it."""
-        await asyncio.gather(*(self.ctx.delete_quietly(kind, pod_name) for kind in WARM_POD_OBJECT_KINDS))
+            await ctx.delete_warm_objects(view.name)
 
     async def relist_pods(self, now: float) -> None:
         """List the pool's pods now and then: an indexed pod the list lacks was deleted unseen.

@@ -31,7 +31,6 @@ from environments_operator.domain.worker_manifests import (
 )
 from environments_operator.domain.workerpool import WorkerPoolSpec
 from environments_operator.handlers.workerpool.context import CREATED_POD_VISIBLE_WITHIN_SECONDS, PoolContext, utcnow
-from environments_operator.handlers.workerpool.lifecycle import WARM_POD_OBJECT_KINDS
 
 # A refused warm pod (a quota, a policy) is tried again after this long; warm pods are an optimisation,
 # and items are served by fresh pods meanwhile.
@@ -74,7 +73,9 @@ class WarmWorkers:
         reserved = self.reserved.pop(work_id, None)
         if reserved is not None:
             name, uid = reserved
-            self.bound_unseen[name] = (uid, work_id, self.ctx.now())
+            now = self.ctx.now()
+            self.bound_unseen[name] = (uid, work_id, now)
+            self.ctx.created_unseen[work_id] = now  # its slot is the item's until the item index shows the pod
 
     def release_reservation(self, work_id: str) -> None:
         """The item's dispatch is over; a warm pod reserved and not bound is free again."""
@@ -100,33 +101,31 @@ class WarmWorkers:
             return
         suspended = ctx.blocker is not None and ctx.blocker.reason == "Suspended"
         min_workers = 0 if suspended or ctx.stopping else spec.minWorkers
-        # A warm pod being bound, or bound and not yet seen so, is its item's pod: planned as such, counted
-        # once (through its item's dispatch, or here once that is over).
+        # A warm pod being bound, or bound and not yet seen so, is its item's pod: counted once, through its
+        # item (being dispatched, or in ``created_unseen`` until the item index shows its pod).
         taken = self._taken(item_views)
         views = [view for view in all_views if view.name not in taken]
-        bound_items_done = sum(1 for _uid, work_id, _at in self.bound_unseen.values() if work_id not in ctx.dispatching)
         plan = warm_workers.plan_warm(
             views, self.memory, now=utcnow(), min_workers=min_workers, max_workers=spec.maxWorkers,
-            busy=ctx.item_slots(item_views) + bound_items_done + len(ctx.warm_created_unseen),
-            polls_in_flight=polls_in_flight,
+            busy=ctx.item_slots(item_views), creating=len(ctx.warm_created_unseen), polls_in_flight=polls_in_flight,
             bound_uids={view.uid for view in item_views if view.warm} | {
                 uid for uid, _work_id, _at in self.bound_unseen.values()} | {
                 uid for _name, uid in self.reserved.values()},
-            reserved=set(), startup_timeout_seconds=spec.startupTimeoutSeconds,
+            startup_timeout_seconds=spec.startupTimeoutSeconds,
             max_age_seconds=spec.warmMaxAgeSeconds, template_hash=template_hash(spec.template))
         self.next_check_in = plan.next_check_in
         actions = []
         for view, reason in plan.retire:
             message = warm_workers.retire_message(view, reason, startup_timeout_seconds=spec.startupTimeoutSeconds)
             if reason in ("failed", "start_timeout"):
-                self._report(warm_workers.WARM_WORKER_FAILED if reason == "failed"
+                self._warn(warm_workers.WARM_WORKER_FAILED if reason == "failed"
                              else warm_workers.WARM_WORKER_START_TIMEOUT, message)
             else:
                 ctx.logger.info("%s", message)
             actions.append(self.delete_warm(view.name, view.uid))
         for view in plan.vanished:
-            self._report(warm_workers.WARM_WORKER_VANISHED, warm_workers.vanished_message(view))
-            actions.append(self.delete_access(view.name))
+            self._warn(warm_workers.WARM_WORKER_VANISHED, warm_workers.vanished_message(view))
+            actions.append(ctx.delete_warm_objects(view.name))
         for view in plan.stuck_terminating:
             actions.append(ctx.delete_quietly("Pod", view.name, uid=view.uid, grace_period_seconds=0))
         if actions:
@@ -142,7 +141,7 @@ class WarmWorkers:
         """Delete the ServiceAccounts (and the Roles, RoleBindings and Secrets named alike) of warm pods that
         do not exist: an operator that died between making them and making the pod left them behind."""
         ctx, spec = self.ctx, self.ctx.spec
-        if now < self.next_sweep_at or spec is None or (spec.minWorkers == 0 and not self.memory.known):
+        if now < self.next_sweep_at or spec is None:
             return
         self.next_sweep_at = now + ACCESS_SWEEP_INTERVAL_SECONDS
         try:
@@ -151,12 +150,12 @@ class WarmWorkers:
             ctx.logger.warning("listing the pool's warm ServiceAccounts failed: %s", exc)
             return
         pods = {view.name for view in ctx.warm_views()} | {view.name for view in item_views} | set(
-            ctx.warm_created_unseen)
+            ctx.warm_created_unseen) | self._taken(item_views)
         orphans = warm_workers.orphaned_warm_access(accounts, pods, now=utcnow(),
                                                     grace_seconds=ORPHAN_ACCESS_GRACE_SECONDS)
         if orphans:
             ctx.logger.info("deleting what was made for %d warm pods that do not exist", len(orphans))
-            await asyncio.gather(*(self.delete_access(name) for name in orphans))
+            await asyncio.gather(*(ctx.delete_warm_objects(name) for name in orphans))
 
     def _start_creation(self, spec: WorkerPoolSpec) -> None:
         name = warm_pod_name(self.ctx.name, "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(5)))
@@ -166,20 +165,28 @@ class WarmWorkers:
         task.add_done_callback(self.creating.discard)
 
     async def _create(self, name: str, spec: WorkerPoolSpec) -> None:
-        """ServiceAccount, Role and RoleBinding, then the pod; a refusal undoes what was made and pauses."""
+        """ServiceAccount, Role and RoleBinding, then the pod; a refusal undoes what was made and pauses.
+
+        A name already taken (AlreadyExists: five random characters met an earlier pod's) is given up
+        without deleting anything: those objects are the other pod's.
+        """
         ctx = self.ctx
         access = build_warm_access(ctx.identity, name)
         pod = build_warm_pod(ctx.identity, name, template=spec.template, default_image=ctx.settings.worker_image,
                              base_url=ctx.settings.worker_base_url, max_idle_seconds=spec.maxIdleSeconds)
         try:
-            await asyncio.gather(*(ctx.kube.create(manifest["kind"], ctx.namespace, manifest) for manifest in access))
-            await ctx.kube.create("Pod", ctx.namespace, pod)
+            made = await asyncio.gather(*(ctx.kube.create(manifest["kind"], ctx.namespace, manifest)
+                                          for manifest in access))
+            if any(created is None for created in made) or await ctx.kube.create("Pod", ctx.namespace, pod) is None:
+                ctx.warm_created_unseen.pop(name, None)
+                ctx.logger.warning("warm worker pod name %s is taken; another is chosen", name)
+                return
         except KubeApiError as exc:
             ctx.warm_created_unseen.pop(name, None)
             self.create_paused_until = ctx.now() + CREATE_RETRY_SECONDS
             message = f"creating warm worker pod {name} was refused ({exc}); retried in {CREATE_RETRY_SECONDS:g}s"
-            self._report(warm_workers.WARM_WORKER_CREATION_FAILED, message)
-            await self.delete_access(name)
+            self._warn(warm_workers.WARM_WORKER_CREATION_FAILED, message)
+            await ctx.delete_warm_objects(name)
         finally:
             ctx.wake.set()
 
@@ -192,13 +199,9 @@ class WarmWorkers:
     async def delete_warm(self, name: str, uid: str | None) -> None:
         """Delete an idle warm pod and every object made for it."""
         await self.ctx.delete_quietly("Pod", name, uid=uid or None)
-        await self.delete_access(name)
+        await self.ctx.delete_warm_objects(name)
 
-    async def delete_access(self, name: str) -> None:
-        """The ServiceAccount, Role, RoleBinding and assignment Secret of a warm pod that is gone or going."""
-        await asyncio.gather(*(self.ctx.delete_quietly(kind, name) for kind in WARM_POD_OBJECT_KINDS))
-
-    def _report(self, reason: str, message: str) -> None:
+    def _warn(self, reason: str, message: str) -> None:
         ctx = self.ctx
         ctx.logger.warning("%s", message)
         ctx.event("Warning", reason, message)
