@@ -504,7 +504,7 @@ def test_unreleased_pod_action(state: str | None, age: float, action: str) -> No
         ("starting", True, "drop"),     # claimed again by this pool right now
         (None, True, "drop"),
         ("starting", False, "stop"),    # acked, never heartbeat: no lease will ever run out
-        ("running", False, "stop"),     # held by a worker that no longer exists
+        ("active", False, "stop"),     # held by a worker that no longer exists
         ("stopping", False, "stop"),
         ("unknown", False, "stop"),     # not among the newest items: stop rather than leave it hanging
         (None, False, "stop"),          # gone: a harmless 404

@@ -815,8 +815,8 @@ class TestBinding:
         assert pod.gated is gated
 
     @pytest.mark.parametrize(("state", "age", "warm_", "action"), [
-        ("running", 5, True, "release"),     # its worker heartbeats: the assignment was written
-        ("running", 5, False, "delete"),     # a fresh pod's item held by another worker
+        ("active", 5, True, "release"),     # its worker heartbeats: the assignment was written
+        ("active", 5, False, "delete"),     # a fresh pod's item held by another worker
         ("starting", 5, True, "release"),
         ("starting", 5, False, "release"),
         ("queued", 5, True, "wait"),
@@ -892,3 +892,8 @@ class TestReviewFindings:
     def test_a_pod_that_never_got_ready_is_retired_whatever_the_polls(self) -> None:
         pods = [view("a", ready=False, age=STARTUP), view("b")]
         assert retired(plan(pods, min_workers=2, max_workers=2, polls_in_flight=2)) == {"a": "start_timeout"}
+
+
+def test_the_bind_patch_is_conditional_on_the_pods_resource_version() -> None:
+    assert bind_patch(POOL, WORK, resource_version="42")["metadata"]["resourceVersion"] == "42"
+    assert "resourceVersion" not in bind_patch(POOL, WORK)["metadata"]

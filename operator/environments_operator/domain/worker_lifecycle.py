@@ -252,9 +252,9 @@ def unreleased_pod_action(item_state: str | None, *, age_seconds: float, startup
     - anything else (held by another worker, stopping, stopped, gone): delete it, there is nothing to stop.
 
     A bound warm pod's "gate" is the annotation written after its assignment: one whose item is
-    ``running`` got its assignment (only its worker heartbeats the item) and is released (annotated) too.
+    ``active`` got its assignment (only its worker heartbeats the item) and is released (annotated) too.
     """
-    if item_state == "starting" or (warm and item_state == "running"):
+    if item_state == "starting" or (warm and item_state == "active"):
         return "release"
     if item_state == "unknown":
         return "wait"
@@ -272,7 +272,7 @@ def owed_stop_action(item_state: str | None, *, dispatching: bool) -> OwedStopAc
     Such a stop is owed to one delivery of the item, the one that pod held. An item offered again
     since (its lease ran out: ``queued``, or being dispatched by this pool right now) is a new delivery,
     which a fresh pod serves: stopping it would end the session its fresh pod is about to run. Every
-    other state is stopped: ``starting`` and ``running`` items are held by a worker that no longer
+    other state is stopped: ``starting`` and ``active`` items are held by a worker that no longer
     exists (a ``starting`` one never heartbeat, so no lease will ever run out), and stopping a stopped or
     missing item is a harmless 409 or 404.
     """
