@@ -12,6 +12,7 @@ import asyncio
 import base64
 from typing import Any
 
+import httpx
 import pytest
 
 from environments_operator.devcluster.kube import PODS, ROLEBINDINGS, ROLES, SECRETS, SERVICEACCOUNTS, WORKERPOOLS
@@ -140,6 +141,18 @@ class TestWarmWorkers:
             (binding,) = world.kube.list(ROLEBINDINGS, world.namespace, {"managedagents.dev/warm-pod": name})
             assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": world.namespace}]
             assert binding["roleRef"]["name"] == name
+        # Through the in-cluster front, with the token the kubelet gives it, a warm pod's ServiceAccount
+        # may get its own assignment (404: none yet) and nothing else: not the other's, not a list.
+        first, second = (p["metadata"]["name"] for p in warm)
+        front = process_kubelet.front
+        token = front.issue_token(world.namespace, first)
+        async with httpx.AsyncClient(base_url=front.url, verify=front.client_ssl_context(),
+                                     headers={"Authorization": f"Bearer {token}"}) as client:
+            secrets_path = f"/api/v1/namespaces/{world.namespace}/secrets"
+            assert (await client.get(f"{secrets_path}/{first}")).status_code == 404
+            assert (await client.get(f"{secrets_path}/{second}")).status_code == 403
+            assert (await client.get(secrets_path)).status_code == 403
+            assert (await client.get(f"/api/v1/namespaces/{world.namespace}/pods/{first}")).status_code == 403
         # Nothing the operator made grants a warm pod's ServiceAccount anything else.
         subjects = [(b["metadata"]["name"], s["name"]) for b in world.kube.list(ROLEBINDINGS, world.namespace, {})
                     for s in b.get("subjects") or []]
