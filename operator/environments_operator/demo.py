@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stay up once they are served, and print how to reach the simulated cluster")
     parser.add_argument("--max-workers", type=int, default=5, metavar="N",
                         help="the WorkerPool's maxWorkers (default 5)")
+    parser.add_argument("--min-workers", type=int, default=0, metavar="N",
+                        help="the WorkerPool's minWorkers: warm pods started before any session (default 0)")
 
 
 # ----- what is shown ---------------------------------------------------------------------------------------
@@ -207,7 +209,8 @@ async def end_process(process: asyncio.subprocess.Process, grace: float = 10.0) 
             await process.wait()
 
 
-def manifests(environment_key_secret: str, max_workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def manifests(environment_key_secret: str, max_workers: int, min_workers: int = 0
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The sample Environment and WorkerPool the demo applies."""
     environment = {
         "apiVersion": "managedagents.dev/v1alpha1", "kind": "Environment",
@@ -221,6 +224,7 @@ def manifests(environment_key_secret: str, max_workers: int) -> tuple[dict[str, 
             "environmentRef": {"name": "sandboxes"},
             "environmentKeySecretRef": {"name": environment_key_secret, "key": "environment-key"},
             "maxWorkers": max_workers,
+            "minWorkers": min_workers,
             # Each session's pod ends as soon as its turn does, and is cleaned up soon after: the demo
             # shows the whole life of a pod.
             "maxIdleSeconds": 0,
@@ -302,15 +306,16 @@ class SimulatedWorld:
 
 
 @contextlib.asynccontextmanager
-async def simulated_world(workdir: Path, *, max_workers: int,
+async def simulated_world(workdir: Path, *, max_workers: int, min_workers: int = 0,
                           say: Callable[[str], None] = lambda _: None) -> AsyncIterator[SimulatedWorld]:
     """The emulator, the simulated cluster with its process kubelet, the operator process, and the sample
     Environment, key Secret, WorkerPool and scripted agent, all applied and ready."""
     from anthropic import AsyncAnthropic
 
-    from environments_operator.devcluster.kube import ENVIRONMENTS, SECRETS, WORKERPOOLS, start_kube
+    from environments_operator.devcluster.kube import ENVIRONMENTS, PODS, SECRETS, WORKERPOOLS, start_kube
     from environments_operator.devcluster.process_kubelet import ProcessKubelet
     from environments_operator.domain.crd import all_crds
+    from environments_operator.domain.worker_manifests import ANNOTATION_WORK_ID, LABEL_WARM
     from environments_operator.emulator.server import EmulatorServer
 
     async with EmulatorServer(api_keys=[API_KEY]) as emulator, start_kube(workdir) as kube:
@@ -325,7 +330,7 @@ async def simulated_world(workdir: Path, *, max_workers: int,
                     AsyncAnthropic(api_key=API_KEY, base_url=emulator.base_url) as api:
                 say("demo: operator started (environments-operator run); applying a self_hosted "
                     "Environment, its key Secret and a WorkerPool")
-                environment, pool = manifests("sandboxes-environment-key", max_workers)
+                environment, pool = manifests("sandboxes-environment-key", max_workers, min_workers)
                 kube.create(ENVIRONMENTS, environment, NAMESPACE)
                 environment_id = await wait_until(
                     lambda: ((kube.get(ENVIRONMENTS, "sandboxes", NAMESPACE) or {}).get("status") or {}).get("id"),
@@ -338,6 +343,21 @@ async def simulated_world(workdir: Path, *, max_workers: int,
                                       "data": {"environment-key": base64.b64encode(key.encode()).decode()}},
                             NAMESPACE)
                 kube.create(WORKERPOOLS, pool, NAMESPACE)
+                if min_workers:
+                    # Ready means more than Running: the worker has imported the SDK and watches its
+                    # assignment (its ServiceAccount, named after the pod, opened a watch through the front).
+                    def warm_and_watching() -> bool:
+                        watching = {user.rsplit(":", 1)[-1] for user, call in kube.server.incluster_calls
+                                    if call.verb == "watch"}
+                        return len([p for p in kube.list(PODS, NAMESPACE, {LABEL_WARM: "true"})
+                                    if p["metadata"]["name"] in watching
+                                    and not (p["metadata"].get("annotations") or {}).get(ANNOTATION_WORK_ID)
+                                    ]) >= min_workers
+
+                    await wait_until(warm_and_watching, STARTUP_TIMEOUT_SECONDS, f"{min_workers} warm worker pods",
+                                     operator.check)
+                    say(f"demo: {min_workers} warm worker pods running before any session (minWorkers), each "
+                        "waiting for its assignment; each serves one session")
                 agent = await api.post("/_emulator/agents", cast_to=object,
                                        body={"name": "demo-agent", "script": AGENT_SCRIPT, "reply": AGENT_REPLY})
                 assert isinstance(agent, dict)
@@ -352,7 +372,8 @@ async def run_demo(args: argparse.Namespace, out: TextIO) -> int:
     progress.say("demo: the Kubernetes cluster here is SIMULATED: a fake apiserver on loopback, and a kubelet\n"
                  "      that runs each worker pod as a local process of the real `environments-operator worker`.")
     try:
-        async with simulated_world(workdir, max_workers=args.max_workers, say=progress.say) as world:
+        async with simulated_world(workdir, max_workers=args.max_workers, min_workers=args.min_workers,
+                                   say=progress.say) as world:
             progress.say(f"demo: Environment {world.environment_id} ready; queueing {args.sessions} sessions of a "
                          f"scripted agent ({', '.join(step['tool'] for step in AGENT_SCRIPT)})")
             rows: list[SessionRow] = []
@@ -408,6 +429,9 @@ async def keep_running(progress: Progress, world: SimulatedWorld, rows: list[Ses
 def main(args: argparse.Namespace) -> int:
     if args.sessions < 1 or args.max_workers < 1:
         print("environments-operator demo: --sessions and --max-workers must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.min_workers <= args.max_workers:
+        print("environments-operator demo: --min-workers must be between 0 and --max-workers", file=sys.stderr)
         return 2
     try:
         import kmock  # noqa: F401

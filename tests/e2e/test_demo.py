@@ -62,6 +62,18 @@ async def test_demo_serves_its_sessions_and_leaves_no_process_behind() -> None:
     assert await tree.survivors() == []
 
 
+async def test_the_demo_with_warm_workers_serves_its_sessions_from_warm_pods() -> None:
+    demo = await start_demo("--sessions", "2", "--min-workers", "2", "--max-workers", "3")
+    tree = ProcessTree(demo.pid)
+    output, _ = await asyncio.wait_for(demo.communicate(), timeout=200)
+    lines = output.decode().splitlines()
+    assert demo.returncode == 0, "\n".join(lines[-30:])
+    assert any(line.startswith("demo: 2 warm worker pods running before any session") for line in lines), lines
+    assert re.fullmatch(r"demo: 2/2 sessions served \(session start p50 [\d.]+ s, max [\d.]+ s\)", lines[-1]), lines[-1]
+    assert any(re.match(r"demo: session session_\w+: served, pod sandboxes-warm-\w+ deleted", line) for line in lines)
+    assert await tree.survivors() == []
+
+
 async def test_sigterm_ends_a_kept_running_demo_and_everything_it_started() -> None:
     demo = await start_demo("--sessions", "1", "--keep-running")
     tree = ProcessTree(demo.pid)
