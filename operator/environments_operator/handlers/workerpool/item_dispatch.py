@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from environments_operator import metrics
 from environments_operator.adapters.kube import KubeApiError
@@ -41,6 +42,7 @@ from environments_operator.domain.pool_loop import (
     should_post_failure_event,
 )
 from environments_operator.domain.vocabulary import Backoff, backoff_seconds
+from environments_operator.domain.warm_workers import WarmPodView
 from environments_operator.domain.worker_manifests import (
     ANNOTATION_WORKER_POOL,
     JSON,
@@ -57,6 +59,13 @@ from environments_operator.handlers.workerpool.context import PoolContext, utcno
 from environments_operator.handlers.workerpool.lifecycle import WorkerLifecycle
 from environments_operator.handlers.workerpool.session_start import SESSION_STARTS
 from environments_operator.handlers.workerpool.warm import WarmWorkers
+
+
+@dataclass
+class _Step:
+    """Which object a dispatch is writing: a refusal is named after it (``dispatch_failure``)."""
+
+    kind: str = "Pod"
 
 
 class ItemDispatcher:
@@ -132,63 +141,65 @@ class ItemDispatcher:
 
     async def _pod_and_secret(self, spec: WorkerPoolSpec, work: WorkAssignment) -> WorkerPodView | None:
         """Steps 1 and 2: the item's pod (still gated) and its Secret; None if the item is not to be served now."""
-        kind = "Pod"
+        step = _Step()
         try:
             bound = self._bound_warm_pod(work.work_id)
             if bound is not None:  # an earlier dispatch bound a warm pod to it
                 if await self._existing_pod_action(bound, work) != "serve":
                     return None
-                kind = "Secret"
+                step.kind = "Secret"
                 await self._write_secret(bound.name, bound.uid, bound.pool, work)
                 return bound
             warm = self.warm.reserve(work.work_id)
             if warm is not None:
-                view = dispatch.WorkerPodView(
-                    name=warm.name, namespace=warm.namespace, pool=warm.pool, work_id=work.work_id,
-                    phase=warm.phase, uid=warm.uid, environment_id=work.environment_id,
-                    session_id=work.session_id, warm=True, created_at=warm.created_at)
-                patch = bind_patch(self.ctx.identity, work, resource_version=warm.resource_version)
-                bound_now, secret_written = await asyncio.gather(
-                    self.ctx.kube.merge_patch("Pod", self.ctx.namespace, warm.name, patch),
-                    self._write_secret(warm.name, warm.uid, warm.pool, work), return_exceptions=True)
-                if not isinstance(bound_now, BaseException):
-                    self.warm.bound(work.work_id)
-                elif isinstance(bound_now, KubeApiError) and bound_now.status in (404, 409):
-                    # The warm pod went away (deleted, evicted) or changed (bound by another dispatch) before
-                    # it could be bound: the Secret written for it goes, and the item gets a fresh pod.
-                    await self.ctx.delete_quietly("Secret", work_secret_name(work.work_id))
-                    if bound_now.status == 404:
-                        await self.ctx.delete_warm_objects(warm.name)
-                    return await self._fresh_pod_and_secret(spec, work)
-                for outcome in (bound_now, secret_written):
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                return view
-            return await self._fresh_pod_and_secret(spec, work)
+                view = await self._bind(warm, work, step)
+                if view is not None:
+                    return view
+            return await self._fresh_pod_and_secret(spec, work, step)
         except KubeApiError as exc:
             # Nothing is deleted here: the Secret may be in use by another dispatch of the same item (the
             # sweep removes orphans), and a gated pod runs nothing (the lifecycle clears it if it stays).
-            self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
+            self._on_dispatch_failure(dispatch.dispatch_failure(step.kind, exc.status, exc.reason, exc.message,
                                                                 work.work_id))
             return None
 
-    async def _fresh_pod_and_secret(self, spec: WorkerPoolSpec, work: WorkAssignment) -> WorkerPodView | None:
-        """The item's own gated pod, created now (or found from an earlier dispatch), and its Secret."""
-        kind = "Pod"
-        try:
-            pod = await self._gated_pod(spec, work)
-            if pod is None:
-                return None
-            kind = "Secret"
-            metadata = pod["metadata"]
-            pool = (metadata.get("annotations") or {}).get(ANNOTATION_WORKER_POOL) or self.ctx.name
-            await self._write_secret(str(metadata["name"]), str(metadata["uid"]), str(pool), work)
-        except KubeApiError as exc:
-            # Nothing is deleted here: the Secret may be in use by another dispatch of the same item (the
-            # sweep removes orphans), and a gated pod runs nothing (the lifecycle clears it if it stays).
-            self._on_dispatch_failure(dispatch.dispatch_failure(kind, exc.status, exc.reason, exc.message,
-                                                                work.work_id))
+    async def _bind(self, warm: WarmPodView, work: WorkAssignment, step: _Step) -> WorkerPodView | None:
+        """Bind the item to a ready warm pod, and write its Secret; None if the pod went or changed meanwhile
+        (the item then gets a fresh pod)."""
+        ctx = self.ctx
+        patch = bind_patch(ctx.identity, work, resource_version=warm.resource_version)
+        bound_now, secret_written = await asyncio.gather(
+            ctx.kube.merge_patch("Pod", ctx.namespace, warm.name, patch),
+            self._write_secret(warm.name, warm.uid, warm.pool, work), return_exceptions=True)
+        if isinstance(bound_now, KubeApiError) and bound_now.status in (404, 409):
+            # The warm pod went away (deleted, evicted) or changed (bound by another dispatch) before it
+            # could be bound: the Secret written for it goes.
+            await ctx.delete_quietly("Secret", work_secret_name(work.work_id))
+            if bound_now.status == 404:
+                await ctx.delete_warm_objects(warm.name)
             return None
+        if isinstance(bound_now, BaseException):
+            raise bound_now
+        self.warm.bound(work.work_id)
+        if isinstance(secret_written, BaseException):
+            step.kind = "Secret"
+            raise secret_written
+        return dispatch.WorkerPodView(
+            name=warm.name, namespace=warm.namespace, pool=warm.pool, work_id=work.work_id, phase=warm.phase,
+            uid=warm.uid, environment_id=work.environment_id, session_id=work.session_id, warm=True,
+            created_at=warm.created_at)
+
+    async def _fresh_pod_and_secret(self, spec: WorkerPoolSpec, work: WorkAssignment, step: _Step
+                                    ) -> WorkerPodView | None:
+        """The item's own gated pod, created now (or found from an earlier dispatch), and its Secret."""
+        step.kind = "Pod"
+        pod = await self._gated_pod(spec, work)
+        if pod is None:
+            return None
+        step.kind = "Secret"
+        metadata = pod["metadata"]
+        pool = (metadata.get("annotations") or {}).get(ANNOTATION_WORKER_POOL) or self.ctx.name
+        await self._write_secret(str(metadata["name"]), str(metadata["uid"]), str(pool), work)
         view = dispatch.worker_pod_view(pod)
         assert view is not None  # built with the contract labels
         return view
