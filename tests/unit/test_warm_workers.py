@@ -66,6 +66,7 @@ from environments_operator.domain.worker_manifests import (
     template_hash,
     warm_pod_name,
 )
+from tests.unit.test_worker_manifests import TEMPLATES as FRESH_TEMPLATES
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 K8S_VERSION = kubernetes_validate.latest_version()
@@ -547,14 +548,8 @@ class TestMessages:
 
 
 WARM_TEMPLATES: dict[str, dict[str, Any]] = {
-    "empty": {},
-    "image and resources": {"spec": {"containers": [{
-        "name": "main", "image": "example/own:2", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
-    }]}},
-    "sidecar and init container": {"spec": {
-        "initContainers": [{"name": "fetch", "image": "busybox:1", "command": ["true"]}],
-        "containers": [{"name": "proxy", "image": "envoy:1"}, {"name": "worker", "args": ["--max-idle", "30"]}],
-    }},
+    # The fresh pods' templates serve warm pods too; the last one is a warm pod's own.
+    **{name: FRESH_TEMPLATES[name] for name in ("empty", "image and resources", "sidecar and init container")},
     "own service account and labels": {
         "metadata": {"labels": {"team": "a", LABEL_WARM: "false"}, "annotations": {"note": "x"}},
         "spec": {

@@ -17,6 +17,7 @@ from typing import Any
 
 import kopf
 
+from environments_operator import metrics
 from environments_operator.adapters.kube import KubeApiError, KubeClient
 from environments_operator.domain import dispatch
 from environments_operator.domain.dispatch import Blocker, WorkerPodView
@@ -128,6 +129,12 @@ class PoolContext:
 
     def event(self, type_: str, reason: str, message: str) -> None:
         kopf.event(self.body, type=type_, reason=reason, message=message)
+
+    def worker_warning(self, reason: str, message: str) -> None:
+        """A worker pod ended abnormally: a log line, a Warning Event, and the ``worker_lifecycle_total`` count."""
+        self.logger.warning("%s", message)
+        self.event("Warning", reason, message)
+        metrics.WORKER_EVENTS.labels(namespace=self.namespace, pool=self.name, reason=reason).inc()
 
     async def delete_warm_objects(self, pod_name: str) -> None:
         """What was made for a warm pod (ServiceAccount, Role, RoleBinding, assignment Secret): all named after it."""

@@ -17,7 +17,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from environments_operator import metrics
 from environments_operator.adapters.kube import KubeApiError
 from environments_operator.adapters.work_api import WorkApiError, WorkQueue
 from environments_operator.domain import worker_lifecycle
@@ -208,10 +207,7 @@ class WorkerLifecycle:
         self.pending_stops[view.work_id] = OwedStop(reason, view.environment_id or self.ctx.environment_id)
 
     def _report(self, view: WorkerPodView, reason: str, message: str) -> None:
-        ctx = self.ctx
-        ctx.logger.warning("%s", message)
-        ctx.event("Warning", reason, message)
-        metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason=reason).inc()
+        self.ctx.worker_warning(reason, message)
 
     def _report_and_owe_stop(self, view: WorkerPodView, reason: str, message: str, *,
                              then_delete: bool = False, this_delivery_only: bool = False) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import secrets
 import string
 
-from environments_operator import metrics
 from environments_operator.adapters.kube import KubeApiError
 from environments_operator.domain import warm_workers
 from environments_operator.domain.dispatch import WorkerPodView
@@ -202,7 +201,4 @@ class WarmWorkers:
         await self.ctx.delete_warm_objects(name)
 
     def _warn(self, reason: str, message: str) -> None:
-        ctx = self.ctx
-        ctx.logger.warning("%s", message)
-        ctx.event("Warning", reason, message)
-        metrics.WORKER_EVENTS.labels(namespace=ctx.namespace, pool=ctx.name, reason=reason).inc()
+        self.ctx.worker_warning(reason, message)
